@@ -1,0 +1,74 @@
+"""Attention received by each key averaged over all queries (``query="mean"``): a second pass.
+
+One program per (key block, batch * head) loops over every query block, recomputes the logits and
+normalizes them with the log2-sum-exp the forward saved, and sums columns in registers: no atomics,
+no N x N tensor. It reads Q, K and the row statistics, not V; its cost is one more Q K^T.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pruneattn.kernels._config import configs
+from pruneattn.kernels.attention import LOG2E
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+]
+
+
+@triton.autotune(configs=configs(_CONFIGS), key=["N", "HEAD_DIM", "DTYPE_KEY"])
+@triton.jit
+def _column_mean_kernel(
+    Q, K, Lse, Received,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    H, N, qk_scale, inv_n,
+    DTYPE_KEY: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < N
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        mask=col_ok[None, :], other=0.0,
+    )
+    q_base = Q + b * stride_qb + h * stride_qh
+    colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        # Rows past N get lse = +inf, hence p = 0.
+        lse = tl.load(Lse + pid_bh * N + offs_m, mask=row_ok, other=float("inf"))
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        colsum += tl.sum(p, axis=0)
+    tl.store(Received + pid_bh * N + offs_n, colsum * inv_n, mask=col_ok)
+
+
+def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(1/N) * sum_i A[b, h, i, j]`` as (B, H, N) float32, from the forward's log2-sum-exp."""
+    B, H, N, D = q.shape
+    received = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
+    _column_mean_kernel[grid](
+        q, k, lse, received, *q.stride(), *k.stride(), H, N, scale * LOG2E, 1.0 / N,
+        DTYPE_KEY=str(q.dtype), HEAD_DIM=D, IEEE=q.dtype == torch.float32,
+    )
+    return received

@@ -1,0 +1,94 @@
+"""Gather of the kept tokens and the fused token of the dropped ones, on the device.
+
+``gather_kept`` copies the prefix tokens and the kept patches (any strides of x) into a new
+contiguous (B, num_prefix + k [+ 1], C) tensor; ``fuse_dropped`` writes the weighted average of the
+dropped patches into its last row, accumulating in float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pruneattn.kernels._config import next_pow2
+
+
+@triton.jit
+def _gather_kernel(
+    X, KeptIdx, Out,
+    stride_xb, stride_xn, stride_xc,
+    stride_ob, stride_on, stride_oc,
+    C, k, num_prefix,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < num_prefix + k
+    is_patch = offs_t >= num_prefix
+    idx = tl.load(KeptIdx + b * k + (offs_t - num_prefix), mask=t_ok & is_patch, other=0)
+    src = tl.where(is_patch, idx + num_prefix, offs_t)
+    for start_c in range(0, C, BLOCK_C):
+        offs_c = start_c + tl.arange(0, BLOCK_C)
+        ok = t_ok[:, None] & (offs_c < C)[None, :]
+        row = tl.load(X + b * stride_xb + src[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=ok)
+        tl.store(Out + b * stride_ob + offs_t[:, None] * stride_on + offs_c[None, :] * stride_oc, row, mask=ok)
+
+
+@triton.jit
+def _fuse_kernel(
+    X, Weights, KeepMask, Out,
+    stride_xb, stride_xn, stride_xc,
+    stride_ob, stride_on, stride_oc,
+    C, P, num_prefix, out_row,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for start_p in range(0, P, BLOCK_P):
+        offs_p = start_p + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        kept = tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1)
+        w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(tl.float32)
+        w = tl.where(kept == 0, w, 0.0)
+        rows = tl.load(
+            X + b * stride_xb + (num_prefix + offs_p)[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+            mask=(p_ok & (kept == 0))[:, None] & c_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(w[:, None] * rows, axis=0)
+        total += w
+    wsum = tl.sum(total, axis=0)
+    fused = tl.where(wsum > 0, acc / tl.where(wsum > 0, wsum, 1.0), 0.0)
+    tl.store(Out + b * stride_ob + out_row * stride_on + offs_c * stride_oc, fused.to(Out.dtype.element_ty), mask=c_ok)
+
+
+def gather_kept(x: torch.Tensor, kept_idx: torch.Tensor, num_prefix: int, extra_rows: int = 0) -> torch.Tensor:
+    """(B, num_prefix + k + extra_rows, C): prefix tokens, then the kept patches; extra rows unset."""
+    B, _, C = x.shape
+    k = kept_idx.shape[1]
+    out = torch.empty((B, num_prefix + k + extra_rows, C), device=x.device, dtype=x.dtype)
+    block_c = max(16, min(128, next_pow2(C)))
+    block_t = 16
+    _gather_kernel[(triton.cdiv(num_prefix + k, block_t), B)](
+        x, kept_idx, out, *x.stride(), *out.stride(), C, k, num_prefix, BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+    return out
+
+
+def fuse_dropped(
+    x: torch.Tensor, weights: torch.Tensor, keep_mask: torch.Tensor, num_prefix: int, out: torch.Tensor
+) -> None:
+    """Write into ``out[:, -1]`` the dropped patches' average, weighted by ``weights`` renormalized."""
+    B, N, C = x.shape
+    P = N - num_prefix
+    block_c = max(16, min(128, next_pow2(C)))
+    _fuse_kernel[(triton.cdiv(C, block_c), B)](
+        x, weights.contiguous(), keep_mask, out, *x.stride(), *out.stride(), C, P, num_prefix,
+        out.shape[1] - 1, BLOCK_P=32, BLOCK_C=block_c,
+    )

@@ -1,0 +1,83 @@
+"""Cross-head statistic of the attention each patch receives: variance, MAD or mean over heads.
+
+One program per (block of patches, image) holds all H heads of its patches in registers, heads on
+the last axis (padded to a power of two, as ``tl.sort`` needs), and writes two float32 per patch:
+the score and the mean over heads (the fused token's weight).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pruneattn.kernels._config import next_pow2
+
+STAT_CODES = {"var": 0, "mad": 1, "mean": 2}
+
+
+@triton.jit
+def _median_last(x, H: tl.constexpr, H_PAD: tl.constexpr):
+    """Median over the last axis of ``x`` (BLOCK, H_PAD) whose padding holds +inf."""
+    srt = tl.sort(x, dim=1)
+    idx = tl.arange(0, H_PAD)[None, :]
+    lo = tl.sum(tl.where(idx == (H - 1) // 2, srt, 0.0), axis=1)
+    hi = tl.sum(tl.where(idx == H // 2, srt, 0.0), axis=1)
+    return (lo + hi) * 0.5
+
+
+@triton.jit
+def _head_stats_kernel(
+    Received, Lse, Scores, HeadMean,
+    N, P, num_prefix,
+    H: tl.constexpr,
+    H_PAD: tl.constexpr,
+    STAT: tl.constexpr,
+    IS_CLS: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_h = tl.arange(0, H_PAD)
+    j_ok = offs_j < P
+    h_ok = offs_h < H
+    ok = j_ok[:, None] & h_ok[None, :]
+    rows = (b * H + offs_h) * N
+    a = tl.load(Received + rows[None, :] + num_prefix + offs_j[:, None], mask=ok, other=0.0)
+    if IS_CLS:
+        # Received holds row 0's log2-domain logits; normalize with row 0's log2-sum-exp.
+        lse0 = tl.load(Lse + rows, mask=h_ok, other=0.0)
+        a = tl.where(ok, tl.math.exp2(a - lse0[None, :]), 0.0)
+    mean = tl.sum(a, axis=1) / H
+    if STAT == 0:
+        dev = tl.where(ok, a - mean[:, None], 0.0)
+        score = tl.sum(dev * dev, axis=1) / H
+    elif STAT == 1:
+        med = _median_last(tl.where(h_ok[None, :], a, float("inf")), H, H_PAD)
+        dev = tl.where(h_ok[None, :], tl.abs(a - med[:, None]), float("inf"))
+        score = _median_last(dev, H, H_PAD)
+    else:
+        score = mean
+    tl.store(Scores + b * P + offs_j, score, mask=j_ok)
+    tl.store(HeadMean + b * P + offs_j, mean, mask=j_ok)
+
+
+def head_stats(
+    received: torch.Tensor, lse: torch.Tensor, *, num_prefix: int, stat: str, is_cls: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and head-mean attention (both (B, P) float32) from per-head rows (B, H, N) float32.
+
+    ``received`` is row 0's log2-domain logits when ``is_cls`` (normalized here with ``lse``), else
+    the attention received per head.
+    """
+    B, H, N = received.shape
+    P = N - num_prefix
+    scores = torch.empty((B, P), device=received.device, dtype=torch.float32)
+    head_mean = torch.empty_like(scores)
+    h_pad = max(2, next_pow2(H))
+    block_j = max(16, min(128, next_pow2(P), 2048 // h_pad))
+    _head_stats_kernel[(triton.cdiv(P, block_j), B)](
+        received, lse, scores, head_mean, N, P, num_prefix,
+        H=H, H_PAD=h_pad, STAT=STAT_CODES[stat], IS_CLS=is_cls, BLOCK_J=block_j,
+    )
+    return scores, head_mean

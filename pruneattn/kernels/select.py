@@ -1,0 +1,56 @@
+"""Top-k patch selection on the device, ties to the lower index, kept patches in original order.
+
+One program per image ranks its patches by counting: rank(j) = #{i : s_i > s_j, or s_i == s_j and
+i < j}; patch j is kept when rank(j) < k, and its slot in the output is the number of kept patches
+before it (a running prefix sum). Everything stays on the device: no sort, no host round trip.
+NaN scores are ranked as -inf (below every finite score).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pruneattn.kernels._config import next_pow2
+
+
+@triton.jit
+def _select_topk_kernel(
+    Scores, KeptIdx, KeepMask,
+    P, k,
+    BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    b = tl.program_id(0)
+    base = Scores + b * P
+    running = tl.zeros([], dtype=tl.int32)
+    for start_j in range(0, P, BLOCK_J):
+        offs_j = start_j + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < P
+        s_j = tl.load(base + offs_j, mask=j_ok, other=float("-inf"))
+        s_j = tl.where(s_j != s_j, float("-inf"), s_j)
+        rank = tl.zeros([BLOCK_J], dtype=tl.int32)
+        for start_i in range(0, P, BLOCK_I):
+            offs_i = start_i + tl.arange(0, BLOCK_I)
+            i_ok = offs_i < P
+            s_i = tl.load(base + offs_i, mask=i_ok, other=float("-inf"))
+            s_i = tl.where(s_i != s_i, float("-inf"), s_i)
+            ahead = (s_i[None, :] > s_j[:, None]) | ((s_i[None, :] == s_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
+            rank += tl.sum((ahead & i_ok[None, :]).to(tl.int32), axis=1)
+        kept = (rank < k) & j_ok
+        kept_i = kept.to(tl.int32)
+        slot = running + tl.cumsum(kept_i, axis=0) - 1
+        tl.store(KeptIdx + b * k + slot, offs_j.to(tl.int64), mask=kept)
+        tl.store(KeepMask + b * P + offs_j, kept_i.to(tl.int8), mask=j_ok)
+        running += tl.sum(kept_i, axis=0)
+
+
+def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, k) int64 ascending of the k best patches, and a (B, P) int8 keep mask."""
+    B, P = scores.shape
+    scores = scores.contiguous()
+    kept_idx = torch.empty((B, k), device=scores.device, dtype=torch.int64)
+    keep_mask = torch.empty((B, P), device=scores.device, dtype=torch.int8)
+    block = max(16, min(128, next_pow2(P)))
+    _select_topk_kernel[(B,)](scores, kept_idx, keep_mask, P, k, BLOCK_J=block, BLOCK_I=block)
+    return kept_idx, keep_mask

@@ -1,0 +1,266 @@
+"""Functional layer: validated public ops, registered as torch custom ops, dispatched in one place.
+
+``attention_scores`` / ``attention_stats`` and ``select_tokens`` check their arguments, then call a
+``torch.library`` custom op (opaque to ``torch.compile``, so no graph break) whose implementation
+runs the backend chosen by :func:`pruneattn.dispatch.backend_for`.
+
+Gradients: the attention output is differentiable in q, k, v. Its backward recomputes the attention
+with ``torch.nn.functional.scaled_dot_product_attention`` and differentiates that: PyTorch's tuned
+flash / memory-efficient backward kernels, no N x N tensor stored, and the forward saves nothing but
+q, k, v (a Triton backward would save one recompute of the forward; not written yet). Scores, the
+head-mean weights and kept indices carry no gradient (the selection is a discrete choice). Kept and
+fused tokens are differentiable in ``x``; the fuse weights are treated as constants.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from pruneattn import cpu, reference
+from pruneattn.dispatch import backend_for
+from pruneattn.validate import check_attention_inputs, check_select_inputs, num_kept
+
+
+class AttentionStats(NamedTuple):
+    """Attention output (B, H, N, d), patch scores (B, P) and head-mean received attention (B, P)."""
+
+    out: torch.Tensor
+    scores: torch.Tensor
+    head_mean: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- attention + scores
+
+
+def _bnhd(out: torch.Tensor) -> torch.Tensor:
+    """Same values laid out as (B, N, H, d) in memory (what the kernel writes and merging heads wants)."""
+    return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _reference_stats(q, k, v, stat, query, num_prefix, scale):
+    attn = reference.attention_probs(q, k, scale)
+    a = reference.received_attention(attn, query)[:, :, num_prefix:]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return attn @ v, reference.head_statistic(a, stat).to(acc), a.mean(dim=1).to(acc)
+
+
+def _triton_stats(q, k, v, stat, query, num_prefix, scale):
+    from pruneattn.kernels import check_supported
+    from pruneattn.kernels.attention import attention_fwd
+    from pruneattn.kernels.colsum import column_mean
+    from pruneattn.kernels.head_stats import head_stats
+
+    check_supported(q)
+    is_cls = query == "cls"
+    out, lse, cls_logits = attention_fwd(q, k, v, scale, store_cls=is_cls)
+    received = cls_logits if is_cls else column_mean(q, k, lse, scale)
+    scores, head_mean = head_stats(received, lse, num_prefix=num_prefix, stat=stat, is_cls=is_cls)
+    return out, scores, head_mean
+
+
+_ATTENTION_BACKENDS = {"triton": _triton_stats, "cpu": cpu.attention_stats, "reference": _reference_stats}
+
+
+@torch.library.custom_op("pruneattn::attention_stats", mutates_args=())
+def _attention_stats_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    run = _ATTENTION_BACKENDS[backend_for(q.device)]
+    if run is cpu.attention_stats:
+        out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    else:
+        out, scores, head_mean = run(q, k, v, stat, query, num_prefix, scale)
+    return _bnhd(out), scores, head_mean
+
+
+@_attention_stats_op.register_fake
+def _(q, k, v, stat, query, num_prefix, scale):
+    B, H, N, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_empty((B, N, H, D)).transpose(1, 2)
+    return out, q.new_empty((B, N - num_prefix), dtype=acc), q.new_empty((B, N - num_prefix), dtype=acc)
+
+
+@torch.library.custom_op("pruneattn::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale)
+        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad_out)
+    return dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, _stat, _query, _num_prefix, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad_out, _grad_scores, _grad_head_mean):
+    q, k, v = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 7
+    dq, dk, dv = torch.ops.pruneattn.attention_bwd(grad_out, q, k, v, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_stats_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    stat: str = "var",
+    query: str = "cls",
+    num_prefix: int = 1,
+    scale: float | None = None,
+) -> AttentionStats:
+    """Attention output, patch scores and head-mean received attention (the fuse weights).
+
+    Like :func:`attention_scores`, plus ``head_mean`` (B, N - num_prefix) float32: the received
+    attention of each patch averaged over heads (the class token's for ``query="cls"``).
+    """
+    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return AttentionStats(*torch.ops.pruneattn.attention_stats(q, k, v, stat, query, num_prefix, scale))
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    stat: str = "var",
+    query: str = "cls",
+    num_prefix: int = 1,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q, k, v (B, H, N, d) and the per-patch attention-diversity scores.
+
+    Args:
+        q, k, v: (B, H, N, d), one dtype and device; any strides (timm's packed qkv views are read
+            without a copy by the kernels).
+        stat: ``"var"`` (population variance over heads), ``"mad"`` (median absolute deviation over
+            heads) or ``"mean"`` (mean over heads, EViT's score).
+        query: ``"cls"`` scores the class token's attention row, ``"mean"`` the attention averaged
+            over all queries.
+        num_prefix: leading tokens (class, distillation, registers) that get no score.
+        scale: logit scale, ``d ** -0.5`` by default.
+
+    Returns:
+        ``out`` (B, H, N, d) in q's dtype and ``scores`` (B, N - num_prefix) float32 (float64 for
+        float64 input). Only ``out`` carries a gradient. NaN in the inputs gives NaN in both
+        outputs, which :func:`select_tokens` then rejects.
+    """
+    res = attention_stats(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    return res.out, res.scores
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q, k, v (B, H, N, d) of a packed (B, N, 3 * H * d) projection, as timm lays it out."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be (B, N, 3 * num_heads * d), got {tuple(qkv.shape)} with {num_heads} heads")
+    B, N, _ = qkv.shape
+    return qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# ----------------------------------------------------------------------------- selection + gather
+
+
+def _triton_select(x, scores, k, num_prefix, fuse_weights):
+    from pruneattn.kernels import check_device
+    from pruneattn.kernels.gather import fuse_dropped, gather_kept
+    from pruneattn.kernels.select import select_topk
+
+    check_device(x)
+    kept_idx, keep_mask = select_topk(scores, k)
+    kept = gather_kept(x, kept_idx, num_prefix, extra_rows=int(fuse_weights is not None))
+    if fuse_weights is not None:
+        fuse_dropped(x, fuse_weights, keep_mask, num_prefix, kept)
+    return kept, kept_idx
+
+
+@torch.library.custom_op("pruneattn::select_tokens", mutates_args=())
+def _select_tokens_op(
+    x: torch.Tensor, scores: torch.Tensor, k: int, num_prefix: int, fuse_weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend_for(x.device) == "triton":
+        return _triton_select(x, scores, k, num_prefix, fuse_weights)
+    return reference.select_k(x, scores, k, num_prefix, fuse_weights)
+
+
+@_select_tokens_op.register_fake
+def _(x, scores, k, num_prefix, fuse_weights):
+    B, _, C = x.shape
+    rows = num_prefix + k + int(fuse_weights is not None)
+    return x.new_empty((B, rows, C)), x.new_empty((B, k), dtype=torch.int64)
+
+
+def _select_setup(ctx, inputs, output):
+    x, _scores, _k, num_prefix, fuse_weights = inputs
+    ctx.save_for_backward(output[1], fuse_weights)
+    ctx.num_prefix = num_prefix
+    ctx.x_shape = x.shape
+
+
+def _select_backward(ctx, grad_kept, _grad_idx):
+    kept_idx, fuse_weights = ctx.saved_tensors
+    p, k = ctx.num_prefix, kept_idx.shape[1]
+    grad_x = grad_kept.new_zeros(ctx.x_shape)
+    grad_x[:, :p] = grad_kept[:, :p]
+    index = kept_idx.unsqueeze(-1).expand(-1, -1, grad_x.shape[-1])
+    grad_patches = grad_x[:, p:].scatter(1, index, grad_kept[:, p : p + k])
+    if fuse_weights is not None:
+        w = reference.dropped_weights(fuse_weights, kept_idx)
+        grad_patches = grad_patches + w.unsqueeze(-1).to(grad_kept.dtype) * grad_kept[:, -1:]
+    grad_x[:, p:] = grad_patches
+    return grad_x, None, None, None, None
+
+
+_select_tokens_op.register_autograd(_select_backward, setup_context=_select_setup)
+
+
+def select_tokens(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    keep_rate: float | None = None,
+    k: int | None = None,
+    num_prefix: int = 1,
+    mode: str = "drop",
+    fuse_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the prefix tokens and the k highest-scoring patches of ``x`` (B, N, C), in order.
+
+    Exactly one of ``keep_rate`` (k = ceil(keep_rate * P), P = N - num_prefix) and ``k``. Ties go
+    to the lower index. ``mode="fuse"`` appends the average of the dropped patches weighted by
+    ``fuse_weights`` (B, P), e.g. ``attention_stats(...).head_mean``, renormalized over the dropped
+    ones (a zero token if nothing is dropped). Non-finite scores or weights raise ValueError,
+    except inside CUDA graph capture or torch.compile, where no host check is possible: NaN scores
+    then rank lowest.
+
+    Returns ``kept`` (B, num_prefix + k [+ 1], C) and ``kept_idx`` (B, k) int64 ascending, the
+    indices of the kept patches among the patch tokens.
+    """
+    check_select_inputs(
+        x, scores, keep_rate=keep_rate, k=k, num_prefix=num_prefix, mode=mode, fuse_weights=fuse_weights
+    )
+    k = num_kept(x.shape[1] - num_prefix, keep_rate=keep_rate, k=k)
+    kept, kept_idx = torch.ops.pruneattn.select_tokens(
+        x, scores, k, num_prefix, fuse_weights if mode == "fuse" else None
+    )
+    return kept, kept_idx
+
+
+__all__ = ["AttentionStats", "attention_stats", "attention_scores", "select_tokens", "split_qkv"]

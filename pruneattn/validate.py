@@ -1,0 +1,153 @@
+"""Argument checks shared by every path. Each raises before any work is done.
+
+Finiteness checks read a value back to the host, which a CUDA graph capture or ``torch.compile``
+cannot do: there they are skipped (see :func:`can_sync`), and NaN scores are then ranked below
+every finite score by the selection kernels instead of raising.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+STATS = ("var", "mad", "mean")
+QUERIES = ("cls", "mean")
+MODES = ("drop", "fuse")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _tensor(name: str, t: object, ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def can_sync() -> bool:
+    """True unless a CUDA graph is being captured or torch.compile is tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError if ``t`` holds NaN or infinity (skipped where no host sync is allowed)."""
+    if can_sync() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; the ranking would be meaningless")
+
+
+def check_num_prefix(num_prefix: object, num_tokens: int) -> None:
+    if not _is_int(num_prefix) or not 0 <= num_prefix < num_tokens:
+        raise ValueError(
+            f"num_prefix must be an int in [0, N) with N = {num_tokens} tokens, got {num_prefix!r}"
+        )
+
+
+def check_attention_inputs(
+    q: object,
+    k: object,
+    v: object,
+    *,
+    stat: str,
+    query: str,
+    num_prefix: int,
+    scale: float | None,
+) -> None:
+    """Validate the arguments of ``attention_scores``."""
+    q, k, v = _tensor("q", q, 4), _tensor("k", k, 4), _tensor("v", v, 4)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must have the same shape (B, H, N, d), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if min(q.shape) < 1:
+        raise ValueError(f"q, k and v must not be empty, got shape {tuple(q.shape)}")
+    _choice("stat", stat, STATS)
+    _choice("query", query, QUERIES)
+    check_num_prefix(num_prefix, q.shape[2])
+    if query == "cls" and num_prefix < 1:
+        raise ValueError("query='cls' scores by the class token's row: num_prefix must be >= 1")
+    if scale is not None and (
+        not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0
+    ):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None = None) -> int:
+    """Number of patches kept: ``k``, or ``ceil(keep_rate * num_patches)`` and at least 1.
+
+    The product is rounded to 9 decimals before the ceiling so that ``0.7 * 10`` keeps 7, not 8.
+    """
+    if (keep_rate is None) == (k is None):
+        raise ValueError("give exactly one of keep_rate and k")
+    if k is not None:
+        if not _is_int(k) or not 1 <= k <= num_patches:
+            raise ValueError(f"k must be an int in [1, {num_patches}] (the patch count), got {k!r}")
+        return int(k)
+    if (
+        not isinstance(keep_rate, numbers.Real)
+        or isinstance(keep_rate, bool)
+        or not math.isfinite(keep_rate)
+        or not 0 < keep_rate <= 1
+    ):
+        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
+    return max(1, math.ceil(round(keep_rate * num_patches, 9)))
+
+
+def check_select_inputs(
+    x: object,
+    scores: object,
+    *,
+    keep_rate: float | None,
+    k: int | None,
+    num_prefix: int,
+    mode: str,
+    fuse_weights: object,
+) -> None:
+    """Validate the arguments of ``select_tokens`` (including finite scores and fuse weights)."""
+    x = _tensor("x", x, 3)
+    scores = _tensor("scores", scores, 2)
+    check_num_prefix(num_prefix, x.shape[1])
+    num_patches = x.shape[1] - num_prefix
+    if scores.shape != (x.shape[0], num_patches):
+        raise ValueError(
+            f"scores must have shape (B, N - num_prefix) = {(x.shape[0], num_patches)}, "
+            f"got {tuple(scores.shape)}"
+        )
+    if scores.device != x.device:
+        raise ValueError(f"scores must be on x's device {x.device}, got {scores.device}")
+    num_kept(num_patches, keep_rate=keep_rate, k=k)
+    _choice("mode", mode, MODES)
+    if mode == "fuse":
+        if fuse_weights is None:
+            raise ValueError("mode='fuse' needs fuse_weights of shape (B, N - num_prefix)")
+        fuse_weights = _tensor("fuse_weights", fuse_weights, 2)
+        if fuse_weights.shape != scores.shape or fuse_weights.device != x.device:
+            raise ValueError(
+                f"fuse_weights must have shape {tuple(scores.shape)} on {x.device}, "
+                f"got {tuple(fuse_weights.shape)} on {fuse_weights.device}"
+            )
+    elif fuse_weights is not None:
+        raise ValueError("fuse_weights is only used with mode='fuse'")
+    check_finite("scores", scores)
+    if mode == "fuse":
+        check_finite("fuse_weights", fuse_weights)
+        if can_sync() and bool((fuse_weights < 0).any()):
+            raise ValueError("fuse_weights must be non-negative")

@@ -1,0 +1,25 @@
+"""Test set-up: without a GPU, run the Triton kernels in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before Triton defines the kernels, i.e. before pruneattn is imported.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the Triton kernels run in this session: the GPU, or the CPU under the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")

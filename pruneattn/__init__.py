@@ -7,6 +7,7 @@ from __future__ import annotations
 from pruneattn import reference
 from pruneattn.dispatch import backend_for, use_backend
 from pruneattn.ops import AttentionStats, attention_scores, attention_stats, select_tokens, split_qkv
+from pruneattn.patch import kept_indices, patch, unpatch
 from pruneattn.validate import num_kept
 
 __version__ = "0.1.0"
@@ -16,9 +17,12 @@ __all__ = [
     "attention_scores",
     "attention_stats",
     "backend_for",
+    "kept_indices",
     "num_kept",
+    "patch",
     "reference",
     "select_tokens",
     "split_qkv",
+    "unpatch",
     "use_backend",
 ]

@@ -1,0 +1,139 @@
+"""Drop-in swap for real ViTs: ``patch`` / ``unpatch`` a timm or Hugging Face model in place.
+
+The chosen blocks get their ``__class__`` swapped to a pruning subclass (as ToMe does): no new
+parameters, identical ``state_dict``; the configuration lives in ``block._pruneattn``. See
+:mod:`pruneattn.patch.prune` for the pruning step and the fused-token rule.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from pruneattn.patch.prune import PruneConfig, compose_indices, make_configs
+from pruneattn.validate import MODES, QUERIES, STATS
+
+__all__ = ["kept_indices", "patch", "unpatch"]
+
+SUPPORTED = (
+    "timm VisionTransformer family (vit_*, deit_* incl. distilled, register tokens, avg pooling); "
+    "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher)"
+)
+
+
+def _adapter(model: object) -> ModuleType:
+    """The module that knows ``model``'s library, or a TypeError naming the class."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pruneattn.patch expects a torch.nn.Module, got {type(model).__name__}")
+    libraries = {cls.__module__.split(".")[0] for cls in type(model).__mro__}
+    if "timm" in libraries:
+        from pruneattn.patch import timm as adapter
+    elif "transformers" in libraries:
+        from pruneattn.patch import hf as adapter
+    else:
+        adapter = None
+    if adapter is None or not adapter.supports(model):
+        raise TypeError(f"pruneattn.patch does not support {type(model).__name__}; supported: {SUPPORTED}")
+    return adapter
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _layers(layers: object, depth: int) -> list[int]:
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = (layers,)
+    if not isinstance(layers, Sequence) or not all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
+    ):
+        raise TypeError(f"layers must be a sequence of block indices (ints), got {layers!r}")
+    out = [int(i) for i in layers]
+    if not out:
+        raise ValueError("layers must name at least one block")
+    if any(not 0 <= i < depth for i in out):
+        raise ValueError(f"layers must be block indices in [0, {depth}) for this {depth}-block model, got {out}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers must not repeat a block, got {out}")
+    return out
+
+
+def _keep_rates(keep_rate: object, n: int) -> list[float]:
+    rates = list(keep_rate) if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str) else [keep_rate] * n
+    if len(rates) != n:
+        raise ValueError(f"keep_rate must be a number or one per layer ({n}), got {len(rates)} values")
+    for r in rates:
+        if not isinstance(r, numbers.Real) or isinstance(r, bool):
+            raise TypeError(f"keep_rate must be a number in (0, 1] or a sequence of them, got {r!r}")
+        if not 0 < r <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1], got {r!r}")
+    return [float(r) for r in rates]
+
+
+def _patched(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "_pruneattn", None), PruneConfig)]
+
+
+def patch(
+    model: nn.Module,
+    keep_rate: float | Sequence[float] = 0.7,
+    layers: int | Sequence[int] = (3, 6, 9),
+    stat: str = "var",
+    query: str = "cls",
+    mode: str = "drop",
+) -> nn.Module:
+    """Make ``model`` prune patch tokens after the attention of the blocks in ``layers``, in place.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or subclass, e.g. distilled DeiT) or a Hugging Face
+            ViT / DeiT model (see ``SUPPORTED``); anything else raises TypeError naming its class.
+        keep_rate: fraction of the patches each pruning block keeps (k = ceil(rate * P)), one number
+            or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).
+        layers: 0-based indices of the pruning blocks.
+        stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see SPEC.md).
+            ``query="cls"`` needs a class token; use ``"mean"`` for models without one.
+        mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
+
+    Patching a patched model re-configures it (the previous patch is undone first). Returns ``model``.
+    """
+    adapter = _adapter(model)
+    _choice("stat", stat, STATS)
+    _choice("query", query, QUERIES)
+    _choice("mode", mode, MODES)
+    blocks = adapter.blocks(model)
+    layers = _layers(layers, len(blocks))
+    rates = _keep_rates(keep_rate, len(layers))
+    if query == "cls" and not adapter.has_class_token(model):
+        raise ValueError(f"query='cls' needs a class token, which this {type(model).__name__} has not; use query='mean'")
+    for i in layers:
+        adapter.check_block(blocks[i], i)
+    unpatch(model)
+    configs = make_configs(layers, rates, stat=stat, query=query, mode=mode, num_prefix=adapter.num_prefix(model))
+    for cfg in configs:
+        block = blocks[cfg.layer]
+        cfg.orig_class = type(block)
+        block._pruneattn = cfg
+        block.__class__ = adapter.PRUNED_CLASSES[cfg.orig_class]
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore every patched block of ``model`` to its original class, in place. Returns ``model``."""
+    for block in _patched(model):
+        block.__class__ = block._pruneattn.orig_class
+        del block._pruneattn
+    return model
+
+
+def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``{block index: (B, k) int64}``: the patches kept by each pruning block in the last forward
+    pass, as indices into the ORIGINAL patch grid (row-major, 0 = first patch after the prefix),
+    ascending. Composed on the device, no host sync."""
+    configs = [m._pruneattn for m in _patched(model)]
+    if not configs:
+        raise ValueError(f"kept_indices: this {type(model).__name__} is not patched (call pruneattn.patch first)")
+    return compose_indices(configs)

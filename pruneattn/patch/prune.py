@@ -1,0 +1,89 @@
+"""The pruning step shared by the timm and Hugging Face blocks: scoring attention, selection, fused token.
+
+A patched block runs ``x = x + attn(norm1(x))`` over all N tokens with :func:`attention`, then
+:func:`prune_tokens` keeps the prefix tokens and the top-k patches, then the MLP on the kept tokens.
+
+Fused token across several pruning blocks (``mode="fuse"``):
+
+- The fused token is appended last and is not a patch candidate in later blocks: k = ceil(rate * P)
+  with P the real patches only (no prefix, no fused token), and kept indices are pure patch indices.
+- It takes part in attention like any token.
+- At the next pruning block the old fused token is merged into the new one: the new fused token is
+  the average of the newly dropped patches *and* the old fused token, each weighted by its head-mean
+  received attention in that block, renormalized. (Done in one :func:`pruneattn.select_tokens` call:
+  the old fused token joins the candidates with the lowest possible score, so it is always dropped.)
+- A block with keep rate 1.0 drops nothing and passes every token through unchanged (no fused token
+  is created there, an existing one is carried as is), so ``keep_rate=1.0`` reproduces the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pruneattn.ops import AttentionStats, attention_stats, select_tokens
+from pruneattn.validate import num_kept
+
+
+@dataclass(eq=False)
+class PruneConfig:
+    """What one patched block does; stored on the block as ``block._pruneattn`` (not a parameter)."""
+
+    layer: int  # index of the block in the model's block list
+    keep_rate: float
+    stat: str
+    query: str
+    mode: str
+    num_prefix: int  # class / distillation / register tokens, always kept
+    fused_in: bool  # the block's input ends with a fused token made by an earlier block
+    orig_class: type = field(repr=False, default=object)  # restored by unpatch
+    kept_idx: torch.Tensor | None = field(repr=False, default=None)  # (B, k) of the last forward
+
+
+def make_configs(
+    layers: list[int], keep_rates: list[float], *, stat: str, query: str, mode: str, num_prefix: int
+) -> list[PruneConfig]:
+    """One config per pruning block, in block order; decides statically where a fused token exists."""
+    configs, fused = [], False
+    for layer, rate in sorted(zip(layers, keep_rates)):
+        configs.append(PruneConfig(layer, rate, stat, query, mode, num_prefix, fused_in=fused))
+        fused = fused or (mode == "fuse" and rate < 1)
+    return configs
+
+
+def attention(cfg: PruneConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> AttentionStats:
+    """Attention output (B, H, N, d) and the scores of every token after the prefix (fused one included)."""
+    return attention_stats(q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale)
+
+
+def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> torch.Tensor:
+    """Keep the prefix and the top-k patches of ``x`` (B, N, C) [+ the fused token]; record ``kept_idx``."""
+    B, N, _ = x.shape
+    P = N - cfg.num_prefix - int(cfg.fused_in)
+    if cfg.keep_rate == 1.0:
+        cfg.kept_idx = torch.arange(P, device=x.device).expand(B, P)
+        return x
+    k = num_kept(P, keep_rate=cfg.keep_rate)
+    scores = stats.scores
+    if cfg.fused_in:
+        # The old fused token (last) competes with the lowest possible score: always dropped, so it
+        # is merged into the new fused token with its own attention weight.
+        floor = scores.new_full((B, 1), torch.finfo(scores.dtype).min)
+        scores = torch.cat([scores[:, :P], floor], dim=1)
+    fuse = cfg.mode == "fuse"
+    kept, cfg.kept_idx = select_tokens(
+        x, scores, k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=stats.head_mean if fuse else None
+    )
+    return kept
+
+
+def compose_indices(configs: list[PruneConfig]) -> dict[int, torch.Tensor]:
+    """Kept indices of each pruning block mapped to the original patch grid (device ops, no sync)."""
+    out: dict[int, torch.Tensor] = {}
+    prev = None
+    for cfg in sorted(configs, key=lambda c: c.layer):
+        if cfg.kept_idx is None:
+            raise RuntimeError("kept_indices: run a forward pass of the patched model first")
+        idx = cfg.kept_idx if prev is None else prev.gather(1, cfg.kept_idx)
+        out[cfg.layer] = prev = idx
+    return out

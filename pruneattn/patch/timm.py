@@ -58,9 +58,10 @@ def has_class_token(model: nn.Module) -> bool:
 
 def check_block(block: nn.Module, layer: int) -> None:
     """Raise unless ``block`` is a plain timm ``Block`` with standard ``Attention``."""
-    if type(block) not in (Block, PrunedBlock) or type(block.attn) is not Attention:
+    attn = getattr(block, "attn", None)
+    if type(block) not in (Block, PrunedBlock) or type(attn) is not Attention:
         raise TypeError(
-            f"pruneattn.patch: block {layer} is {type(block).__name__} with {type(block.attn).__name__}; "
+            f"pruneattn.patch: block {layer} is a {type(block).__name__} with attention {type(attn).__name__}; "
             "only timm's Block with the standard Attention is supported"
         )
     if block.attn.attn_drop.p > 0:

@@ -42,8 +42,7 @@ def _bnhd(out: torch.Tensor) -> torch.Tensor:
 def _reference_stats(q, k, v, stat, query, num_prefix, scale):
     attn = reference.attention_probs(q, k, scale)
     a = reference.received_attention(attn, query)[:, :, num_prefix:]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return attn @ v, reference.head_statistic(a, stat).to(acc), a.mean(dim=1).to(acc)
+    return attn @ v, reference.head_statistic(a, stat).float(), a.mean(dim=1).float()
 
 
 def _triton_stats(q, k, v, stat, query, num_prefix, scale):
@@ -78,29 +77,22 @@ def _attention_stats_op(
 @_attention_stats_op.register_fake
 def _(q, k, v, stat, query, num_prefix, scale):
     B, H, N, D = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty((B, N, H, D)).transpose(1, 2)
-    return out, q.new_empty((B, N - num_prefix), dtype=acc), q.new_empty((B, N - num_prefix), dtype=acc)
+    scores = q.new_empty((B, N - num_prefix), dtype=torch.float32)
+    return out, scores, torch.empty_like(scores)
 
 
-@torch.library.custom_op("pruneattn::attention_bwd", mutates_args=())
-def _attention_bwd_op(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sdpa_backward(grad_out, q, k, v, scale):
+    """Gradients of SDPA(q, k, v) by recomputing it with autograd on (PyTorch's fused backward)."""
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale)
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad_out)
-    return dq, dk, dv
-
-
-@_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return torch.autograd.grad(out, (qd, kd, vd), grad_out)
 
 
 def _attention_setup(ctx, inputs, output):
     q, k, v, _stat, _query, _num_prefix, scale = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(q, k, v)
     ctx.scale = scale
 
@@ -109,7 +101,7 @@ def _attention_backward(ctx, grad_out, _grad_scores, _grad_head_mean):
     q, k, v = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 7
-    dq, dk, dv = torch.ops.pruneattn.attention_bwd(grad_out, q, k, v, ctx.scale)
+    dq, dk, dv = _sdpa_backward(grad_out, q, k, v, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -159,8 +151,8 @@ def attention_scores(
         scale: logit scale, ``d ** -0.5`` by default.
 
     Returns:
-        ``out`` (B, H, N, d) in q's dtype and ``scores`` (B, N - num_prefix) float32 (float64 for
-        float64 input). Only ``out`` carries a gradient. NaN in the inputs gives NaN in both
+        ``out`` (B, H, N, d) in q's dtype and ``scores`` (B, N - num_prefix) float32, whatever the
+        input dtype. Only ``out`` carries a gradient. NaN in the inputs gives NaN in both
         outputs, which :func:`select_tokens` then rejects.
     """
     res = attention_stats(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)

@@ -66,15 +66,16 @@ def attention_scores(
     num_prefix: int = 1,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output ``(B, H, N, d)`` and float32 patch scores ``(B, N - num_prefix)``."""
+    """Attention output ``(B, H, N, d)`` and float32 patch scores ``(B, N - num_prefix)``.
+
+    Scores are float32 whatever the input dtype (the spec); for a float64 truth call
+    :func:`head_statistic` on :func:`received_attention` directly.
+    """
     check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
     attn = attention_probs(q, k, scale)
     out = attn @ v
     a = received_attention(attn, query)[:, :, num_prefix:]
-    scores = head_statistic(a, stat)
-    if scores.dtype != torch.float64:
-        scores = scores.float()
-    return out, scores
+    return out, head_statistic(a, stat).float()
 
 
 def select_tokens(
@@ -117,7 +118,7 @@ def select_k(
 
     NaN scores (reachable only where the finiteness check is skipped) rank as -inf.
     """
-    scores = torch.nan_to_num(scores, nan=float("-inf"))
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     # A stable sort on descending score keeps equal scores in ascending index order.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     kept_idx = torch.sort(order[:, :k], dim=1).values

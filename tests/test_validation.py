@@ -1,0 +1,122 @@
+"""Bad input raises a clear error naming the argument, before any work, on every path."""
+import pytest
+import torch
+
+import pruneattn
+from pruneattn import reference as R
+
+QKV = lambda *shape, dtype=torch.float32: [torch.randn(*shape, dtype=dtype) for _ in range(3)]  # noqa: E731
+
+
+@pytest.fixture(params=["public", "reference"])
+def ops(request):
+    return pruneattn if request.param == "public" else R
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(stat="median"), ValueError, "stat"),
+        (dict(query="row"), ValueError, "query"),
+        (dict(num_prefix=7), ValueError, "num_prefix"),
+        (dict(num_prefix=-1), ValueError, "num_prefix"),
+        (dict(num_prefix=1.0), ValueError, "num_prefix"),
+        (dict(num_prefix=0), ValueError, "num_prefix must be >= 1"),
+        (dict(scale=0.0), ValueError, "scale"),
+        (dict(scale=float("nan")), ValueError, "scale"),
+    ],
+)
+def test_attention_bad_arguments(ops, kwargs, exc, match):
+    q, k, v = QKV(1, 2, 7, 32)
+    with pytest.raises(exc, match=match):
+        ops.attention_scores(q, k, v, **kwargs)
+
+
+def test_attention_bad_tensors(ops):
+    q, k, v = QKV(1, 2, 7, 32)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        ops.attention_scores(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="same shape"):
+        ops.attention_scores(q, k[:, :, :5], v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.attention_scores(q, k.double(), v)
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        ops.attention_scores(q.int(), k.int(), v.int())
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        ops.attention_scores(q.numpy(), k, v)
+    with pytest.raises(ValueError, match="one device"):
+        ops.attention_scores(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="empty"):
+        ops.attention_scores(*QKV(0, 2, 7, 32))
+
+
+def test_kernel_limits_are_clear_errors():
+    with pruneattn.use_backend("triton"):
+        q, k, v = QKV(1, 2, 7, 48)
+        with pytest.raises(ValueError, match="head dims"):
+            pruneattn.attention_scores(q, k, v)
+        q, k, v = QKV(1, 2, 7, 32, dtype=torch.float64)
+        with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+            pruneattn.attention_scores(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one"),
+        (dict(keep_rate=0.5, k=2), "exactly one"),
+        (dict(keep_rate=0.0), "keep_rate"),
+        (dict(keep_rate=1.5), "keep_rate"),
+        (dict(keep_rate=float("nan")), "keep_rate"),
+        (dict(keep_rate=True), "keep_rate"),
+        (dict(k=0), "k must be"),
+        (dict(k=10), r"k must be an int in \[1, 9\]"),
+        (dict(k=2.0), "k must be"),
+        (dict(k=2, mode="merge"), "mode"),
+        (dict(k=2, mode="fuse"), "fuse_weights"),
+        (dict(k=2, fuse_weights=torch.rand(2, 9)), "only used with mode='fuse'"),
+        (dict(k=2, mode="fuse", fuse_weights=torch.rand(2, 8)), "fuse_weights must have shape"),
+        (dict(k=2, mode="fuse", fuse_weights=-torch.rand(2, 9)), "non-negative"),
+        (dict(k=2, num_prefix=10), "num_prefix"),
+    ],
+)
+def test_select_bad_arguments(ops, kwargs, match):
+    x, scores = torch.randn(2, 10, 4), torch.randn(2, 9)
+    with pytest.raises(ValueError, match=match):
+        ops.select_tokens(x, scores, **kwargs)
+
+
+def test_select_bad_tensors(ops):
+    x, scores = torch.randn(2, 10, 4), torch.randn(2, 9)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        ops.select_tokens(x, scores[:, :8], k=2)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        ops.select_tokens(x[0], scores, k=2)
+    with pytest.raises(ValueError, match="device"):
+        ops.select_tokens(x, scores.to("meta"), k=2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_and_weights_raise(ops, bad):
+    x, scores, w = torch.randn(2, 10, 4), torch.randn(2, 9), torch.rand(2, 9)
+    scores[1, 3] = bad
+    with pytest.raises(ValueError, match="scores contains NaN or infinite"):
+        ops.select_tokens(x, scores, k=2)
+    w[0, 0] = bad
+    with pytest.raises(ValueError, match="fuse_weights contains NaN or infinite"):
+        ops.select_tokens(x, torch.randn(2, 9), k=2, mode="fuse", fuse_weights=w)
+
+
+def test_nan_in_attention_inputs_reaches_the_scores_and_is_rejected_at_selection():
+    q, k, v = QKV(1, 2, 9, 32)
+    k[0, 1, 4, 0] = float("nan")
+    out, scores = pruneattn.attention_scores(q, k, v)
+    assert torch.isnan(scores).any() and torch.isnan(out).any()
+    with pytest.raises(ValueError, match="NaN"):
+        pruneattn.select_tokens(torch.randn(1, 9, 4), scores, keep_rate=0.5)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        with pruneattn.use_backend("cuda"):
+            pass

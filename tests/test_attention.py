@@ -89,3 +89,16 @@ def test_scores_carry_no_gradient(device):
     with pruneattn.use_backend("triton"):
         res = pruneattn.attention_stats(q, k, v)
     assert res.out.requires_grad and not res.scores.requires_grad and not res.head_mean.requires_grad
+
+
+@pytest.mark.parametrize("query", ["cls", "mean"])
+def test_long_sequence(query, device):
+    # N = 1024 + 1: many key blocks and a last block holding a single token.
+    q, k, v = random_qkv(1, 2, 1025, 32, torch.float32, device, seed=11)
+    with pruneattn.use_backend("triton"), poisoned_allocations():
+        out, scores = pruneattn.attention_scores(q, k, v, stat="mad", query=query)
+    qd, kd, vd = (t.cpu().double() for t in (q, k, v))
+    attn = R.attention_probs(qd, kd)
+    a = R.received_attention(attn, query)[:, :, 1:]
+    assert rel_err(out, attn @ vd) < 1e-5
+    assert rel_err(scores, R.head_statistic(a, "mad"), atol=1e-3 * float(a.norm())) < 1e-5

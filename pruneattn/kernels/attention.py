@@ -26,7 +26,7 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["N", "HEAD_DIM", "DTYPE_KEY"])
+@triton.autotune(configs=configs(_CONFIGS), key=["N", "H", "HEAD_DIM", "DTYPE_KEY"])
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, ClsLogits,

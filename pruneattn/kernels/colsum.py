@@ -21,7 +21,7 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["N", "HEAD_DIM", "DTYPE_KEY"])
+@triton.autotune(configs=configs(_CONFIGS), key=["N", "H", "HEAD_DIM", "DTYPE_KEY"])
 @triton.jit
 def _column_mean_kernel(
     Q, K, Lse, Received,

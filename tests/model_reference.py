@@ -11,9 +11,20 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from pruneattn import reference
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for these tiny models: on a loaded 2-core machine, two threads spin-wait
+    and a tiny forward can take seconds instead of milliseconds. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass
@@ -77,8 +88,13 @@ def run_blocks(
     stat: str = "var",
     query: str = "cls",
     mode: str = "drop",
+    detach_fuse_weights: bool = False,
 ) -> tuple[torch.Tensor, Trace]:
-    """Run ``blocks`` on tokens ``x``; blocks in ``keep_rates`` prune after their attention."""
+    """Run ``blocks`` on tokens ``x``; blocks in ``keep_rates`` prune after their attention.
+
+    ``detach_fuse_weights``: treat the fused token's weights as constants in the backward, as the
+    core ``select_tokens`` does.
+    """
     p = num_prefix
     fused = False
     grid = None
@@ -105,6 +121,7 @@ def run_blocks(
             if mode == "fuse":
                 # candidates of the fused token: the dropped patches and the old fused token
                 w = received.mean(dim=1)[:, p:].float()  # (B, P [+ 1]), float32 like the scores
+                w = w.detach() if detach_fuse_weights else w
                 dropped = torch.ones_like(w, dtype=torch.bool)
                 dropped[:, :P] = dropped[:, :P].scatter(1, idx, False)
                 w = torch.where(dropped, w, 0)

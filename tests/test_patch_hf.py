@@ -16,7 +16,7 @@ from transformers import (
 from transformers.models.vit.modeling_vit import ViTLayer
 
 import pruneattn
-from model_reference import hf_forward, token_counts
+from model_reference import hf_forward, one_thread, token_counts  # noqa: F401 (one_thread: autouse fixture)
 from pruneattn.patch.hf import PrunedDeiTLayer, PrunedViTLayer
 
 FP64_TOL = 1e-6  # float32 scores / fuse weights by the spec (see test_patch_timm)

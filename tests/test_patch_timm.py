@@ -8,7 +8,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
 import pruneattn
-from model_reference import timm_forward, token_counts
+from model_reference import one_thread, timm_forward, token_counts  # noqa: F401 (one_thread: autouse fixture)
 from pruneattn.patch.timm import PrunedBlock
 
 # float64 models: scores and fuse weights are float32 by the spec, the fused token is accumulated

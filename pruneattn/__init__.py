@@ -7,6 +7,7 @@ from __future__ import annotations
 from pruneattn import reference
 from pruneattn.dispatch import backend_for, use_backend
 from pruneattn.ops import AttentionStats, attention_scores, attention_stats, select_tokens, split_qkv
+from pruneattn.overlap import overlap_patches
 from pruneattn.patch import kept_indices, patch, unpatch
 from pruneattn.validate import num_kept
 
@@ -19,6 +20,7 @@ __all__ = [
     "backend_for",
     "kept_indices",
     "num_kept",
+    "overlap_patches",
     "patch",
     "reference",
     "select_tokens",

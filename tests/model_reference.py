@@ -27,6 +27,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def kernel_device(device):
+    """Where the Triton kernels run (conftest's ``device``), with TF32 off so fp32 can be held to 1e-4."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield device
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @dataclass
 class BlockParts:
     """How to run one block in pieces (pre-norm, q/k/v, attention output branch, MLP branch)."""

@@ -16,7 +16,7 @@ from transformers import (
 from transformers.models.vit.modeling_vit import ViTLayer
 
 import pruneattn
-from model_reference import hf_forward, one_thread, token_counts  # noqa: F401 (one_thread: autouse fixture)
+from model_reference import hf_forward, kernel_device, one_thread, token_counts  # noqa: F401 (fixtures)
 from pruneattn.patch.hf import PrunedDeiTLayer, PrunedViTLayer
 
 FP64_TOL = 1e-6  # float32 scores / fuse weights by the spec (see test_patch_timm)
@@ -41,10 +41,10 @@ def cpu_backend():
         yield
 
 
-def test_vit_keep_rate_one_matches_unpatched():
+def test_vit_keep_rate_one_matches_unpatched(kernel_device):
     """Default backend (Triton kernels; interpreter on CPU) with nothing dropped: same logits."""
-    model = build(ViTForImageClassification)
-    x = images()
+    model = build(ViTForImageClassification).to(kernel_device)
+    x = images().to(kernel_device)
     with torch.no_grad():
         ref = model(x).logits
         pruneattn.patch(model, keep_rate=1.0, layers=(1, 4))
@@ -89,7 +89,7 @@ def test_pruned_matches_reference(cpu_backend, mode, deit, query):
     assert {i: v.tolist() for i, v in kept.items()} == {i: v.tolist() for i, v in trace.kept.items()}
 
 
-def test_deit_with_teacher_and_triton_kernels():
+def test_deit_with_teacher_and_triton_kernels(kernel_device):
     """DeiT with distillation token (2 prefix tokens) through the default backend, against fp64 truth."""
     model = build(DeiTForImageClassificationWithTeacher, DeiTConfig)
     x = images()
@@ -97,13 +97,13 @@ def test_deit_with_teacher_and_triton_kernels():
         model.double()
         hidden, trace = hf_forward(model.deit, x.double(), {2: 0.6}, mode="fuse")
         expected = (model.cls_classifier(hidden[:, 0]) + model.distillation_classifier(hidden[:, 1])) / 2
-        model.float()
+        model.float().to(kernel_device)
         pruneattn.patch(model, keep_rate=0.6, layers=(2,), mode="fuse")
         assert type(model.deit.layers[2]) is PrunedDeiTLayer
-        out = model(x)
-    torch.testing.assert_close(out.logits.double(), expected, rtol=1e-4, atol=1e-4)
+        out = model(x.to(kernel_device))
+    torch.testing.assert_close(out.logits.double().cpu(), expected, rtol=1e-4, atol=1e-4)
     assert out.logits.shape == (2, 10)
-    assert torch.equal(pruneattn.kept_indices(model)[2], trace.kept[2])
+    assert torch.equal(pruneattn.kept_indices(model)[2].cpu(), trace.kept[2])
 
 
 def test_vit_model_outputs_and_hidden_states(cpu_backend):

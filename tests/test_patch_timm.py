@@ -8,7 +8,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
 import pruneattn
-from model_reference import one_thread, timm_forward, token_counts  # noqa: F401 (one_thread: autouse fixture)
+from model_reference import kernel_device, one_thread, timm_forward, token_counts  # noqa: F401 (fixtures)
 from pruneattn.patch.timm import PrunedBlock
 
 # float64 models: scores and fuse weights are float32 by the spec, the fused token is accumulated
@@ -41,19 +41,21 @@ def deit_s() -> VisionTransformer:
 # ----------------------------------------------------------------------------- DeiT-S, full size
 
 
-def test_deit_s_keep_rate_one_matches_unpatched(deit_s):
+def test_deit_s_keep_rate_one_matches_unpatched(deit_s, kernel_device):
     """keep 1.0 runs the patched blocks through the Triton kernels (interpreter on CPU): same logits."""
-    x = images(1, 224)
+    x = images(1, 224).to(kernel_device)
+    model = deit_s.to(kernel_device)
     with torch.no_grad():
-        ref = deit_s(x)
-        pruneattn.patch(deit_s, keep_rate=1.0)
+        ref = model(x)
+        pruneattn.patch(model, keep_rate=1.0)
         try:
-            out = deit_s(x)
-            counts, remove = token_counts(deit_s, deit_s.blocks)
-            deit_s(x)
+            assert pruneattn.backend_for(x.device) == "triton"
+            counts, remove = token_counts(model, model.blocks)
+            out = model(x)
             remove()
         finally:
-            pruneattn.unpatch(deit_s)
+            pruneattn.unpatch(model)
+            model.cpu()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert counts == [197] * 12
 
@@ -135,25 +137,20 @@ def test_variants_match_reference(cpu_backend, variant, mode, stat):
     assert {i: v.tolist() for i, v in kept.items()} == {i: v.tolist() for i, v in trace.kept.items()}
 
 
-def test_triton_kernels_in_patched_model():
+def test_triton_kernels_in_patched_model(kernel_device):
     """The default backend (Triton; its interpreter on CPU) in the patched blocks, against fp64 truth."""
     model = tiny(depth=4)
     x = images()
     with torch.no_grad():
         expected, trace = timm_forward(model.double(), x.double(), {1: 0.6, 2: 0.5}, mode="fuse")
-        model.float()
+        model.float().to(kernel_device)
         pruneattn.patch(model, keep_rate=[0.6, 0.5], layers=(1, 2), mode="fuse")
-        assert pruneattn.backend_for(x.device) == ("triton" if torch.cuda.is_available() or _interp() else "cpu")
+        x = x.to(kernel_device)
+        assert pruneattn.backend_for(x.device) == "triton"
         out = model(x)
         kept = pruneattn.kept_indices(model)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
-    assert all(torch.equal(kept[i], trace.kept[i]) for i in (1, 2))
-
-
-def _interp() -> bool:
-    from pruneattn._env import interpreting
-
-    return interpreting()
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(kept[i].cpu(), trace.kept[i]) for i in (1, 2))
 
 
 def test_keep_rate_one_tiny_matches_unpatched(cpu_backend):

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import DeiTConfig, DeiTForImageClassification
 
 import pruneattn
-from model_reference import hf_forward, one_thread, timm_forward  # noqa: F401 (autouse fixture)
+from model_reference import hf_forward, kernel_device, one_thread, timm_forward  # noqa: F401 (fixtures)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=4)
 
@@ -103,7 +103,7 @@ def test_hf_gradients_match_float64_reference():
     assert_grads_close(grads(model), expected, rtol=1e-6)
 
 
-def test_triton_backward_float32():
+def test_triton_backward_float32(kernel_device):
     """Gradients through the default backend (Triton forward; interpreter on CPU) against float64."""
     model = tiny(depth=2)
     x, y = batch(2)
@@ -112,10 +112,10 @@ def test_triton_backward_float32():
     F.cross_entropy(logits, y).backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    model.float()
+    model.float().to(kernel_device)
     pruneattn.patch(model, keep_rate=0.5, layers=(1,), mode="fuse")
-    F.cross_entropy(model(x), y).backward()
-    assert_grads_close(grads(model), expected, rtol=1e-3)
+    F.cross_entropy(model(x.to(kernel_device)), y.to(kernel_device)).backward()
+    assert_grads_close({n: g.cpu() for n, g in grads(model).items()}, expected, rtol=1e-3)
 
 
 def test_short_training_run_lowers_the_loss():

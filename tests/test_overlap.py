@@ -103,7 +103,8 @@ def test_token_counts_and_position_embeddings(cls, kw, prefix):
     torch.testing.assert_close(model.pos_embed[:, prefix:], torch.full((1, 25, 64), 0.25))
     with torch.no_grad():
         assert model.forward_features(images()).shape == (2, prefix + 25, 64)
-        pruneattn.patch(model, keep_rate=0.5, layers=(1,), query="cls" if prefix and kw.get("class_token", True) else "mean")
+        query = "cls" if kw.get("class_token", True) else "mean"
+        pruneattn.patch(model, keep_rate=0.5, layers=(1,), query=query)
         seen, _ = token_counts(model, model.blocks)
         model(images())
     assert seen == [prefix + 25, prefix + 13, prefix + 13, prefix + 13]

@@ -297,3 +297,73 @@ def test_attn_mask_is_an_error(cpu_backend):
     pruneattn.patch(model, layers=(1,))
     with pytest.raises(ValueError, match="attn_mask"):
         model(images(), attn_mask=torch.zeros(17, 17, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- practical matters
+
+
+def test_no_value_read_back_to_the_host(cpu_backend, monkeypatch):
+    """A patched forward never turns a tensor into a Python value (that would be a sync on CUDA)."""
+    model = pruneattn.patch(tiny(), keep_rate=0.5, layers=(1, 2), mode="fuse")
+    x = images()
+    model(x)  # warm-up outside the trap
+
+    def trap(self, *args):
+        raise AssertionError("host read of a tensor value during the forward")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, trap)
+    with torch.no_grad():
+        model(x)
+    monkeypatch.undo()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_cuda_sync_in_patched_forward():
+    model = pruneattn.patch(tiny().cuda(), keep_rate=0.5, layers=(1, 2), mode="fuse")
+    x = images().cuda()
+    model(x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_autocast_bfloat16_with_qk_norm(cpu_backend):
+    model = pruneattn.patch(tiny(qk_norm=True), keep_rate=0.5, layers=(1, 2))
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert pruneattn.kept_indices(model)[2].shape == (2, 4)
+
+
+def test_deepcopy_and_pickle(cpu_backend):
+    import copy
+    import io
+
+    model = pruneattn.patch(tiny(), keep_rate=0.5, layers=(1, 2), mode="fuse")
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        clone = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (clone, loaded):
+            torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+            assert type(m.blocks[1]) is PrunedBlock and m.blocks[1]._pruneattn is not model.blocks[1]._pruneattn
+        pruneattn.unpatch(clone)
+        assert type(clone.blocks[1]) is Block and type(model.blocks[1]) is PrunedBlock
+
+
+def test_wrapped_model_error_hints_at_order():
+    compiled = torch.compile(tiny())
+    with pytest.raises(TypeError, match="OptimizedModule.*before wrapping"):
+        pruneattn.patch(compiled)

@@ -148,3 +148,18 @@ def test_short_training_run_lowers_the_loss():
     after = F.cross_entropy(logits, val_y).item()
     assert after < 0.5 * before, (before, after)
     assert (logits.argmax(1) == val_y).float().mean() > 0.8
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny(depth=4).train()
+    pruneattn.patch(model, keep_rate=0.5, layers=(1, 2), mode="fuse")
+    x, y = batch()
+    with pruneattn.use_backend("cpu"):
+        F.cross_entropy(model(x), y).backward()
+        plain = grads(model)
+        kept = pruneattn.kept_indices(model)
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(True)
+        F.cross_entropy(model(x), y).backward()
+    assert_grads_close(grads(model), plain, rtol=1e-6)
+    assert all(torch.equal(pruneattn.kept_indices(model)[i], kept[i]) for i in kept)

@@ -36,7 +36,10 @@ def _adapter(model: object) -> ModuleType:
     else:
         adapter = None
     if adapter is None or not adapter.supports(model):
-        raise TypeError(f"pruneattn.patch does not support {type(model).__name__}; supported: {SUPPORTED}")
+        hint = ""
+        if hasattr(model, "module") or hasattr(model, "_orig_mod"):
+            hint = " (patch the model before wrapping it in DistributedDataParallel / torch.compile)"
+        raise TypeError(f"pruneattn.patch does not support {type(model).__name__}{hint}; supported: {SUPPORTED}")
     return adapter
 
 
@@ -108,7 +111,9 @@ def patch(
     layers = _layers(layers, len(blocks))
     rates = _keep_rates(keep_rate, len(layers))
     if query == "cls" and not adapter.has_class_token(model):
-        raise ValueError(f"query='cls' needs a class token, which this {type(model).__name__} has not; use query='mean'")
+        raise ValueError(
+            f"query='cls' needs a class token, which this {type(model).__name__} has not; use query='mean'"
+        )
     for i in layers:
         adapter.check_block(blocks[i], i)
     unpatch(model)

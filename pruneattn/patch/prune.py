@@ -10,8 +10,8 @@ Fused token across several pruning blocks (``mode="fuse"``):
 - It takes part in attention like any token.
 - At the next pruning block the old fused token is merged into the new one: the new fused token is
   the average of the newly dropped patches *and* the old fused token, each weighted by its head-mean
-  received attention in that block, renormalized. (Done in one :func:`pruneattn.select_tokens` call:
-  the old fused token joins the candidates with the lowest possible score, so it is always dropped.)
+  received attention in that block, renormalized. (Done in one selection call: the old fused token
+  joins the candidates with the lowest possible score, so it is always dropped.)
 - A block with keep rate 1.0 drops nothing and passes every token through unchanged (no fused token
   is created there, an existing one is carried as is), so ``keep_rate=1.0`` reproduces the model.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pruneattn.ops import AttentionStats, attention_stats, select_tokens
+from pruneattn.ops import AttentionStats, attention_stats  # also registers torch.ops.pruneattn.*
 from pruneattn.validate import num_kept
 
 
@@ -70,10 +70,11 @@ def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> to
         # is merged into the new fused token with its own attention weight.
         floor = scores.new_full((B, 1), torch.finfo(scores.dtype).min)
         scores = torch.cat([scores[:, :P], floor], dim=1)
-    fuse = cfg.mode == "fuse"
-    kept, cfg.kept_idx = select_tokens(
-        x, scores, k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=stats.head_mean if fuse else None
-    )
+    fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
+    # The registered op behind pruneattn.select_tokens, without its argument checks: the inputs are
+    # valid by construction here, and the public function's finiteness check reads a value back to
+    # the host (a sync per pruning block on CUDA). NaN scores rank lowest instead of raising.
+    kept, cfg.kept_idx = torch.ops.pruneattn.select_tokens(x, scores, k, cfg.num_prefix, fuse_weights)
     return kept
 
 

@@ -31,6 +31,8 @@ class PrunedBlock(Block):
         gate = a.gate(x).sigmoid() if a.gate is not None else None
         q, k, v = split_qkv(a.qkv(x), a.num_heads)
         q, k = a.q_norm(q), a.k_norm(k)
+        if q.dtype != v.dtype:  # autocast runs q_norm / k_norm in float32
+            q, k = q.to(v.dtype), k.to(v.dtype)
         stats = attention(self._pruneattn, q, k, v, a.scale)
         x = stats.out.transpose(1, 2).reshape(B, N, a.attn_dim)  # free: out is (B, N, H, d) in memory
         x = a.norm(x)

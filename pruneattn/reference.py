@@ -127,5 +127,6 @@ def select_k(
     parts = [x[:, :num_prefix], gathered]
     if fuse_weights is not None:
         w = dropped_weights(fuse_weights, kept_idx)
-        parts.append((w.unsqueeze(1) @ patches.to(w.dtype)).to(x.dtype))
+        acc = torch.promote_types(w.dtype, x.dtype)
+        parts.append((w.to(acc).unsqueeze(1) @ patches.to(acc)).to(x.dtype))
     return torch.cat(parts, dim=1), kept_idx

@@ -1,8 +1,10 @@
 """Argument checks shared by every path. Each raises before any work is done.
 
-Finiteness checks read a value back to the host, which a CUDA graph capture or ``torch.compile``
-cannot do: there they are skipped (see :func:`can_sync`), and NaN scores are then ranked below
-every finite score by the selection kernels instead of raising.
+Checks of tensor *values* (finite scores, non-negative fuse weights) read a result back to the host.
+They run on CPU tensors, where that costs nothing, and are skipped on GPU tensors (a sync per pruning
+block would stall the GPU and forbid CUDA graph capture) and under ``torch.compile``; see
+:func:`value_checks`. Where skipped, NaN scores rank below every finite score on every path, and NaN
+in q, k, v shows in the attention output itself.
 """
 from __future__ import annotations
 
@@ -36,16 +38,14 @@ def _tensor(name: str, t: object, ndim: int) -> torch.Tensor:
     return t
 
 
-def can_sync() -> bool:
-    """True unless a CUDA graph is being captured or torch.compile is tracing."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+def value_checks(t: torch.Tensor) -> bool:
+    """True where checking ``t``'s values needs no device sync: CPU tensors, outside torch.compile."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError if ``t`` holds NaN or infinity (skipped where no host sync is allowed)."""
-    if can_sync() and not bool(torch.isfinite(t).all()):
+    """Raise ValueError if ``t`` holds NaN or infinity (only where :func:`value_checks` allows)."""
+    if value_checks(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values; the ranking would be meaningless")
 
 
@@ -149,5 +149,5 @@ def check_select_inputs(
     check_finite("scores", scores)
     if mode == "fuse":
         check_finite("fuse_weights", fuse_weights)
-        if can_sync() and bool((fuse_weights < 0).any()):
+        if value_checks(fuse_weights) and bool((fuse_weights < 0).any()):
             raise ValueError("fuse_weights must be non-negative")

@@ -7,7 +7,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
-from tests.helpers import poisoned_allocations, random_qkv, rel_err, tol
+from helpers import poisoned_allocations, random_qkv, rel_err, tol
 
 # (B, H, N, d): odd N, N not a multiple of any block, N = 1 + 196 and 1 + 324, batch 1, H in 1..16.
 SHAPES = [

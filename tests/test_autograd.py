@@ -4,7 +4,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
-from tests.helpers import random_qkv, rel_err
+from helpers import random_qkv, rel_err
 
 
 @pytest.mark.parametrize("query", ["cls", "mean"])

@@ -4,7 +4,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
-from tests.helpers import poisoned_allocations, random_qkv, rel_err
+from helpers import poisoned_allocations, random_qkv, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import pruneattn
 from pruneattn import reference as R
-from tests.helpers import random_qkv, rel_err
+from helpers import random_qkv, rel_err
 
 
 @st.composite

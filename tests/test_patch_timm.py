@@ -307,6 +307,8 @@ def test_no_value_read_back_to_the_host(cpu_backend, monkeypatch):
     model = pruneattn.patch(tiny(), keep_rate=0.5, layers=(1, 2), mode="fuse")
     x = images()
     model(x)  # warm-up outside the trap
+    # Value checks (finite scores) run on CPU tensors only; switch them off as they are on CUDA ones.
+    monkeypatch.setattr(pruneattn.validate, "value_checks", lambda t: False)
 
     def trap(self, *args):
         raise AssertionError("host read of a tensor value during the forward")

@@ -4,7 +4,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
-from tests.helpers import poisoned_allocations, random_qkv, rel_err
+from helpers import poisoned_allocations, random_qkv, rel_err
 
 CASES = [  # (B, N, C, num_prefix, keep_rate or k)
     (1, 2, 16, 1, 1.0),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pruneattn.ops import AttentionStats, attention_stats  # also registers torch.ops.pruneattn.*
+from pruneattn.ops import AttentionStats, attention_stats, select_tokens
 from pruneattn.validate import num_kept
 
 
@@ -71,10 +71,10 @@ def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> to
         floor = scores.new_full((B, 1), torch.finfo(scores.dtype).min)
         scores = torch.cat([scores[:, :P], floor], dim=1)
     fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
-    # The registered op behind pruneattn.select_tokens, without its argument checks: the inputs are
-    # valid by construction here, and the public function's finiteness check reads a value back to
-    # the host (a sync per pruning block on CUDA). NaN scores rank lowest instead of raising.
-    kept, cfg.kept_idx = torch.ops.pruneattn.select_tokens(x, scores, k, cfg.num_prefix, fuse_weights)
+    # On CUDA no value is read back (no sync); on CPU non-finite scores raise, as in the functional API.
+    kept, cfg.kept_idx = select_tokens(
+        x, scores, k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=fuse_weights
+    )
     return kept
 
 

@@ -19,7 +19,8 @@ MODES = ("drop", "fuse")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of the strings ``allowed``."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -79,8 +80,8 @@ def check_attention_inputs(
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if min(q.shape) < 1:
         raise ValueError(f"q, k and v must not be empty, got shape {tuple(q.shape)}")
-    _choice("stat", stat, STATS)
-    _choice("query", query, QUERIES)
+    check_choice("stat", stat, STATS)
+    check_choice("query", query, QUERIES)
     check_num_prefix(num_prefix, q.shape[2])
     if query == "cls" and num_prefix < 1:
         raise ValueError("query='cls' scores by the class token's row: num_prefix must be >= 1")
@@ -101,14 +102,16 @@ def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None 
         if not _is_int(k) or not 1 <= k <= num_patches:
             raise ValueError(f"k must be an int in [1, {num_patches}] (the patch count), got {k!r}")
         return int(k)
-    if (
-        not isinstance(keep_rate, numbers.Real)
-        or isinstance(keep_rate, bool)
-        or not math.isfinite(keep_rate)
-        or not 0 < keep_rate <= 1
-    ):
-        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
+    check_keep_rate(keep_rate)
     return max(1, math.ceil(round(keep_rate * num_patches, 9)))
+
+
+def check_keep_rate(keep_rate: object) -> None:
+    """Raise TypeError unless ``keep_rate`` is a real number, ValueError unless it is in (0, 1]."""
+    if not isinstance(keep_rate, numbers.Real) or isinstance(keep_rate, bool):
+        raise TypeError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
+    if not math.isfinite(keep_rate) or not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
 
 
 def check_select_inputs(
@@ -134,7 +137,7 @@ def check_select_inputs(
     if scores.device != x.device:
         raise ValueError(f"scores must be on x's device {x.device}, got {scores.device}")
     num_kept(num_patches, keep_rate=keep_rate, k=k)
-    _choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     if mode == "fuse":
         if fuse_weights is None:
             raise ValueError("mode='fuse' needs fuse_weights of shape (B, N - num_prefix)")

@@ -68,7 +68,6 @@ def test_kernel_limits_are_clear_errors():
         (dict(keep_rate=0.0), "keep_rate"),
         (dict(keep_rate=1.5), "keep_rate"),
         (dict(keep_rate=float("nan")), "keep_rate"),
-        (dict(keep_rate=True), "keep_rate"),
         (dict(k=0), "k must be"),
         (dict(k=10), r"k must be an int in \[1, 9\]"),
         (dict(k=2.0), "k must be"),
@@ -84,6 +83,12 @@ def test_select_bad_arguments(ops, kwargs, match):
     x, scores = torch.randn(2, 10, 4), torch.randn(2, 9)
     with pytest.raises(ValueError, match=match):
         ops.select_tokens(x, scores, **kwargs)
+
+
+def test_keep_rate_of_wrong_type(ops):
+    for bad in (True, "0.5", [0.5]):
+        with pytest.raises(TypeError, match="keep_rate must be a number"):
+            ops.select_tokens(torch.randn(2, 10, 4), torch.randn(2, 9), keep_rate=bad)
 
 
 def test_select_bad_tensors(ops):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pruneattn.patch.prune import PruneConfig, compose_indices, make_configs
-from pruneattn.validate import MODES, QUERIES, STATS
+from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate
 
 __all__ = ["kept_indices", "patch", "unpatch"]
 
@@ -43,11 +43,6 @@ def _adapter(model: object) -> ModuleType:
     return adapter
 
 
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
 def _layers(layers: object, depth: int) -> list[int]:
     if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
         layers = (layers,)
@@ -70,10 +65,7 @@ def _keep_rates(keep_rate: object, n: int) -> list[float]:
     if len(rates) != n:
         raise ValueError(f"keep_rate must be a number or one per layer ({n}), got {len(rates)} values")
     for r in rates:
-        if not isinstance(r, numbers.Real) or isinstance(r, bool):
-            raise TypeError(f"keep_rate must be a number in (0, 1] or a sequence of them, got {r!r}")
-        if not 0 < r <= 1:
-            raise ValueError(f"keep_rate must be in (0, 1], got {r!r}")
+        check_keep_rate(r)
     return [float(r) for r in rates]
 
 
@@ -104,9 +96,9 @@ def patch(
     Patching a patched model re-configures it (the previous patch is undone first). Returns ``model``.
     """
     adapter = _adapter(model)
-    _choice("stat", stat, STATS)
-    _choice("query", query, QUERIES)
-    _choice("mode", mode, MODES)
+    check_choice("stat", stat, STATS)
+    check_choice("query", query, QUERIES)
+    check_choice("mode", mode, MODES)
     blocks = adapter.blocks(model)
     layers = _layers(layers, len(blocks))
     rates = _keep_rates(keep_rate, len(layers))

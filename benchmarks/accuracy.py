@@ -1,0 +1,363 @@
+"""Accuracy of attention-diversity pruning on Fashion-MNIST (the paper's experiment at small scale).
+
+The shipped model (``pruneattn/data/vit_fmnist_canvas56.pt``, see ``python -m pruneattn.train``) is
+evaluated on the full test set (10,000 images, 56 x 56 canvas view, seed 0) with pruning after the
+attention of blocks 3 / 6 / 9:
+
+  --part a   no fine-tuning: keep rates 1.0 / 0.9 / 0.7 / 0.5 / 0.3, scores var / mad / mean (EViT's rule)
+             and random (3 seeds), modes drop and fuse.
+  --part b   short fine-tuning with pruning on (keep 0.5, drop; var / mad / mean / random, and an
+             unpruned fine-tuning control with the same schedule), ``--seeds`` seeds each.
+  --part c   overlapping patch embedding (``pruneattn.overlap_patches``, kernel 7 stride 6 padding 2:
+             9 x 9 = 81 patches) + keep 0.5, against the plain embedding at keep 0.7 (about the same
+             number of token-blocks), both fine-tuned the same way.
+  --report   merge the parts' JSON into ``benchmarks/results/accuracy.md`` and ``accuracy.png``.
+
+Random pruning (the control): the blocks are patched with ``stat="mean"`` and then switched to a
+subclass of the patched timm block whose scores are replaced by uniform random numbers from a seeded
+generator (so random keeps a random subset; in fuse mode the fused token still uses the class
+attention as weights). Nothing else changes.
+
+Throughput is images/s of the model forward on this machine (CPU, ``--threads`` torch threads,
+batch 256): the whole pass, and the median over batches. On a shared machine it is noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pruneattn
+from pruneattn import datasets
+from pruneattn.train import DEFAULT_WEIGHTS, evaluate, load_model, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYERS = (3, 6, 9)
+KEEP_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
+STATS = ("var", "mad", "mean")
+
+
+# ----------------------------------------------------------------------------- random-pruning control
+
+
+def _random_block_class():
+    from pruneattn.patch.timm import PrunedBlock
+
+    class RandomScoreBlock(PrunedBlock):
+        """Patched timm block whose patch scores are uniform random numbers (seeded)."""
+
+        def _attention(self, x):
+            y, stats = super()._attention(x)
+            r = torch.rand(stats.scores.shape, generator=self._random_gen, dtype=torch.float32)
+            return y, stats._replace(scores=r.to(stats.scores.device))
+
+    return RandomScoreBlock
+
+
+_RANDOM_BLOCK = None
+
+
+def patch_model(model, *, keep_rate, stat, mode="drop", seed=0, layers=LAYERS):
+    """``pruneattn.patch`` with ``stat`` in var / mad / mean, or ``"random"`` (see the module docstring)."""
+    global _RANDOM_BLOCK
+    unpatch_model(model)
+    if stat != "random":
+        return pruneattn.patch(model, keep_rate=keep_rate, layers=layers, stat=stat, query="cls", mode=mode)
+    pruneattn.patch(model, keep_rate=keep_rate, layers=layers, stat="mean", query="cls", mode=mode)
+    if _RANDOM_BLOCK is None:
+        _RANDOM_BLOCK = _random_block_class()
+    for i, layer in enumerate(sorted(layers)):
+        block = model.blocks[layer]
+        block.__class__ = _RANDOM_BLOCK
+        block._random_gen = torch.Generator().manual_seed(seed * 1000 + i)
+    return model
+
+
+def unpatch_model(model):
+    pruneattn.unpatch(model)
+    for block in model.blocks:
+        if hasattr(block, "_random_gen"):
+            del block._random_gen
+    return model
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def tokens_per_block(model, x) -> list[int]:
+    """Number of tokens entering each block (measured with forward pre-hooks on one batch)."""
+    counts = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: counts.append(int(a[0].shape[1]))) for b in model.blocks]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def run_eval(model, test, config, *, label: dict, device, progress=True) -> dict:
+    images, labels = test
+    x0 = datasets.normalize(datasets.make_view(images[:2], np.arange(2), canvas=config["canvas"], seed=0)).to(device)
+    toks = tokens_per_block(model, x0)
+    ev = evaluate(model, images, labels, config=config, device=device, progress=progress,
+                  desc=" ".join(f"{k}={v}" for k, v in label.items()))
+    row = dict(label, top1=ev["top1"], n=ev["n"], images_per_s=round(ev["images_per_s"], 1),
+               images_per_s_median=round(ev["images_per_s_median"], 1), tokens_per_block=toks)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def part_a(model, config, test, args) -> list[dict]:
+    rows = [run_eval(unpatch_model(model), test, config, device=args.device,
+                     label=dict(part="a", stat="none", mode="-", keep=1.0, seed=None))]
+    for keep in KEEP_RATES:
+        for mode in ("drop", "fuse"):
+            if keep == 1.0 and mode == "fuse":
+                continue  # identical to drop at keep 1.0 (nothing is dropped)
+            # keep 1.0 drops nothing, so every score gives the unpruned accuracy; run var only (its images/s
+            # shows the cost of scoring inside the patched blocks).
+            for stat in ("var",) if keep == 1.0 else STATS + ("random",):
+                seeds = range(args.random_seeds) if stat == "random" else [None]
+                for seed in seeds:
+                    patch_model(model, keep_rate=keep, stat=stat, mode=mode, seed=seed or 0)
+                    rows.append(run_eval(model, test, config, device=args.device,
+                                         label=dict(part="a", stat=stat, mode=mode, keep=keep, seed=seed)))
+    unpatch_model(model)
+    return rows
+
+
+def finetune_and_eval(weights, config, train_data, test, *, stat, keep, mode, seed, args, overlap=None) -> dict:
+    model, _ = load_model(weights, device=args.device)
+    if overlap is not None:
+        pruneattn.overlap_patches(model, stride=overlap[0], padding=overlap[1])
+    if stat != "none":
+        patch_model(model, keep_rate=keep, stat=stat, mode=mode, seed=seed)
+    t0 = time.perf_counter()
+    info = train(model, *train_data, config=config, epochs=args.ft_epochs, batch_size=args.batch_size,
+                 lr=args.ft_lr, warmup=args.ft_warmup, min_lr=args.ft_lr / 100, seed=seed, device=args.device,
+                 progress=True)
+    label = dict(part=args.part, stat=stat, mode=mode if stat != "none" else "-", keep=keep if stat != "none" else 1.0,
+                 seed=seed, overlap=list(overlap) if overlap else None, ft_epochs=args.ft_epochs, ft_lr=args.ft_lr,
+                 ft_steps=info["steps"], ft_seconds=round(time.perf_counter() - t0, 1))
+    if stat == "random":  # the evaluation draws its own random keeps, from a seed-specific generator
+        patch_model(model, keep_rate=keep, stat=stat, mode=mode, seed=100 + seed)
+    return run_eval(model, test, config, label=label, device=args.device)
+
+
+def part_b(weights, config, train_data, test, args) -> list[dict]:
+    rows = []
+    for seed in range(args.seeds):
+        for stat in ("none",) + STATS + ("random",):
+            rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.5, mode="drop",
+                                          seed=seed, args=args))
+    return rows
+
+
+def part_c(weights, config, train_data, test, args) -> list[dict]:
+    if not hasattr(pruneattn, "overlap_patches"):
+        raise SystemExit("pruneattn.overlap_patches is not available in this checkout")
+    model, _ = load_model(weights, device=args.device)
+    rows = []
+    pruneattn.overlap_patches(model, stride=6, padding=2)
+    for stat in ("var", "mad"):
+        patch_model(model, keep_rate=0.5, stat=stat, mode="drop")
+        rows.append(run_eval(model, test, config, device=args.device,
+                             label=dict(part="c", stat=stat, mode="drop", keep=0.5, seed=None, overlap=[6, 2],
+                                        ft_epochs=0)))
+    for seed in range(args.seeds):
+        for stat in ("var", "mad"):
+            rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.5, mode="drop",
+                                          seed=seed, args=args, overlap=(6, 2)))
+            rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.7, mode="drop",
+                                          seed=seed, args=args))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt_acc(vals: list[float]) -> str:
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.2f}"
+    return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f} (n={len(vals)})"
+
+
+def _group(rows, keys):
+    out: dict = {}
+    for r in rows:
+        key = tuple(tuple(v) if isinstance(v, list) else v for v in (r.get(k) for k in keys))
+        out.setdefault(key, []).append(r)
+    return out
+
+
+def report(args) -> None:
+    res = Path(args.results)
+    parts = {p: json.loads((res / f"accuracy_{p}.json").read_text()) for p in "abc"
+             if (res / f"accuracy_{p}.json").is_file()}
+    lines = ["# Fashion-MNIST: accuracy of pruning (var / MAD / mean / random)", ""]
+    meta = next(iter(parts.values()))["meta"] if parts else {}
+    lines += [f"Model: `{meta.get('weights')}` ({meta.get('model_meta', {}).get('command', '?')}); "
+              f"test set: {meta.get('n_test')} images, 56 x 56 canvas view (seed 0); pruning after the attention "
+              f"of blocks 3 / 6 / 9; CPU, {meta.get('threads')} torch thread(s), batch 256, "
+              f"torch {meta.get('torch')}. Throughput (images/s, median over batches) is from a machine shared "
+              "with other jobs: noisy, compare within a table only. Spread = mean ± sample std over seeds.", ""]
+    if "a" in parts:
+        rows = parts["a"]["rows"]
+        base = next(r for r in rows if r["stat"] == "none")
+        lines += ["## (a) Trained model, no fine-tuning", "",
+                  f"Unpruned (timm's own forward): top-1 **{100 * base['top1']:.2f}%**, "
+                  f"{base['images_per_s_median']:.0f} images/s.", ""]
+        for mode in ("drop", "fuse"):
+            lines += [f"### mode = {mode}", "",
+                      "| keep | tokens per block (0..11) | var | mad | mean (EViT) | random (3 seeds) | images/s (var) |",
+                      "|---|---|---|---|---|---|---|"]
+            for keep in KEEP_RATES:
+                m = "drop" if keep == 1.0 else mode
+                g = _group([r for r in rows if r["keep"] == keep and r["mode"] == m], ["stat"])
+                if not g:
+                    continue
+                cells = [_fmt_acc([r["top1"] for r in g.get((s,), [])]) if g.get((s,)) else "-"
+                         for s in STATS + ("random",)]
+                v = g.get(("var",), [{}])[0]
+                lines.append(f"| {keep} | {' '.join(map(str, v.get('tokens_per_block', [])))} | " + " | ".join(cells)
+                             + f" | {v.get('images_per_s_median', float('nan')):.0f} |")
+            lines.append("")
+        lines += ["### Differences in top-1 (percentage points; random = mean over its seeds)", "",
+                  "| mode | keep | var - mean | mad - mean | var - random | mad - random | mad - var |",
+                  "|---|---|---|---|---|---|---|"]
+        for mode in ("drop", "fuse"):
+            for keep in KEEP_RATES[1:]:
+                acc = {s: [r["top1"] for r in rows if r["keep"] == keep and r["mode"] == mode and r["stat"] == s]
+                       for s in STATS + ("random",)}
+                if not all(acc.values()):
+                    continue
+                m = {s: 100 * statistics.mean(v) for s, v in acc.items()}
+                lines.append(f"| {mode} | {keep} | {m['var'] - m['mean']:+.2f} | {m['mad'] - m['mean']:+.2f} | "
+                             f"{m['var'] - m['random']:+.2f} | {m['mad'] - m['random']:+.2f} | "
+                             f"{m['mad'] - m['var']:+.2f} |")
+        lines.append("")
+    for p, title in (("b", "(b) After a short fine-tuning with pruning on (keep 0.5, drop)"),
+                     ("c", "(c) Overlapping patch embedding + pruning (fine-tuned)")):
+        if p not in parts:
+            continue
+        rows = parts[p]["rows"]
+        lines += [f"## {title}", "", f"Fine-tuning: {parts[p]['meta'].get('ft')}", "",
+                  "| overlap (stride, pad) | stat | keep | fine-tuned epochs | tokens per block | top-1 % | images/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, g in _group(rows, ["overlap", "stat", "keep", "ft_epochs"]).items():
+            ov, stat, keep, ft = key
+            lines.append(f"| {tuple(ov) if ov else '-'} | {stat} | {keep} | {ft} | "
+                         f"{' '.join(map(str, g[0]['tokens_per_block']))} | {_fmt_acc([r['top1'] for r in g])} | "
+                         f"{statistics.median(r['images_per_s_median'] for r in g):.0f} |")
+        lines.append("")
+    (res / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(parts, res)
+
+
+def plot(parts, res: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "a" not in parts:
+        return
+    rows = parts["a"]["rows"]
+    base = next(r for r in rows if r["stat"] == "none")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = {"var": "C0", "mad": "C1", "mean": "C2", "random": "C7"}
+    for ax, mode in zip(axes, ("drop", "fuse")):
+        for stat in STATS + ("random",):
+            xs, ys, es = [], [], []
+            for keep in KEEP_RATES:
+                m = "drop" if keep == 1.0 else mode
+                vals = [r["top1"] for r in rows if r["stat"] == stat and r["keep"] == keep and r["mode"] == m]
+                if vals:
+                    xs.append(keep)
+                    ys.append(100 * statistics.mean(vals))
+                    es.append(100 * statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colors[stat],
+                        label=stat + (" (EViT)" if stat == "mean" else " (3 seeds)" if stat == "random" else ""))
+        if "b" in parts:
+            for stat in STATS + ("random",):
+                vals = [100 * r["top1"] for r in parts["b"]["rows"] if r["stat"] == stat]
+                if vals and mode == "drop":
+                    ax.errorbar([0.5 + 0.015 * (STATS + ("random",)).index(stat)], [statistics.mean(vals)],
+                                yerr=[statistics.stdev(vals) if len(vals) > 1 else 0], marker="*", markersize=11,
+                                color=colors[stat], capsize=3, linestyle="none")
+        ax.axhline(100 * base["top1"], color="k", linestyle=":", linewidth=1, label="unpruned")
+        ax.set_xlabel("keep rate at blocks 3 / 6 / 9")
+        ax.set_title(f"mode = {mode}" + ("   (stars: after fine-tuning)" if mode == "drop" and "b" in parts else ""))
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test top-1 (%)")
+    axes[1].legend(loc="lower left", fontsize=8)
+    fig.suptitle("Fashion-MNIST 56x56 canvas, ViT (12 blocks, 128 wide, 4 heads): pruning without fine-tuning")
+    fig.tight_layout()
+    fig.savefig(res / "accuracy.png", dpi=110)
+    print(f"wrote {res / 'accuracy.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["a", "b", "c"])
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--random-seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (parts b, c)")
+    p.add_argument("--ft-epochs", type=float, default=0.2)
+    p.add_argument("--ft-lr", type=float, default=1e-4)
+    p.add_argument("--ft-warmup", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images only (0: all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the parts' JSON (for --report)")
+    p.add_argument("--out", default="", help="JSON output (default benchmarks/results/accuracy_<part>.json)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report:
+        report(args)
+        return 0
+    if args.part is None:
+        p.error("give --part a|b|c or --report")
+    torch.manual_seed(0)
+    model, ckpt = load_model(args.weights, device=args.device)
+    config = ckpt["config"]
+    test = datasets.load_fashion_mnist("test")
+    if args.test_limit:
+        test = (test[0][: args.test_limit], test[1][: args.test_limit])
+    t0 = time.time()
+    if args.part == "a":
+        rows = part_a(model, config, test, args)
+    else:
+        train_data = datasets.load_fashion_mnist("train")
+        fn = part_b if args.part == "b" else part_c
+        rows = fn(args.weights, config, train_data, test, args)
+    meta = {"weights": str(Path(args.weights).name), "model_meta": ckpt.get("meta", {}), "n_test": len(test[1]),
+            "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
+            "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seconds": round(time.time() - t0), "ft": None if args.part == "a" else
+            f"{args.ft_epochs} epoch(s) of the 60,000 training images, batch {args.batch_size}, AdamW lr {args.ft_lr} "
+            f"(warm-up {args.ft_warmup} steps, cosine to {args.ft_lr / 100}), label smoothing 0.1, flips; "
+            f"{args.seeds} seed(s)"}
+    out = Path(args.out) if args.out else RESULTS / f"accuracy_{args.part}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out} in {meta['seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""``pruneattn demo``: the shipped Fashion-MNIST ViT, unpruned vs pruned by attention diversity (var, MAD).
+
+Loads the model shipped in ``pruneattn/data/`` (trained by ``python -m pruneattn.train``), evaluates it on
+the shipped sample of 64 test images and, when Debian's ``dataset-fashion-mnist`` is installed, on the full
+test set (10,000 images), unpruned and with pruning after blocks 3 / 6 / 9 (var and MAD scores); prints
+top-1 and images/s; and writes a PNG that shows which patches survive each pruning block.
+Runs on the GPU (Triton kernels) when there is one, else on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAYERS = (3, 6, 9)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def images_per_second(model, x: torch.Tensor, *, repeats: int = 5, min_seconds: float = 0.5) -> float:
+    """Best-of-``repeats`` forward rate on batch ``x`` (after one warm-up), each repeat >= min_seconds."""
+    device = x.device
+    model(x)
+    _sync(device)
+    best = 0.0
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            model(x)
+            n += x.shape[0]
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if dt >= min_seconds:
+                break
+        best = max(best, n / dt)
+    return best
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch_size]).argmax(-1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def kept_masks(model, x: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
+    """{block: (B, grid, grid) bool} of the patches that survive each pruning block, for images ``x``."""
+    import pruneattn
+
+    with torch.no_grad():
+        model(x)
+    out = {}
+    for block, idx in pruneattn.kept_indices(model).items():
+        m = torch.zeros(idx.shape[0], grid * grid, dtype=torch.bool)
+        m.scatter_(1, idx.cpu(), True)
+        out[block] = m.view(-1, grid, grid).numpy()
+    return out
+
+
+def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path: Path, keep: float) -> None:
+    """Rows: images; columns: the input, then for each score the patches kept after blocks 3 / 6 / 9."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pruneattn.datasets import CLASSES
+
+    stats = list(masks)
+    blocks = sorted(next(iter(masks.values())))
+    ncols = 1 + len(stats) * len(blocks)
+    fig, axes = plt.subplots(len(images), ncols, figsize=(1.45 * ncols, 1.55 * len(images) + 0.5), squeeze=False)
+    for r, img in enumerate(images):
+        ax = axes[r, 0]
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{CLASSES[labels[r]]}\nunpruned: {CLASSES[preds['unpruned'][r]]}", fontsize=6.5)
+        for s, stat in enumerate(stats):
+            for b, block in enumerate(blocks):
+                ax = axes[r, 1 + s * len(blocks) + b]
+                keep_px = np.kron(masks[stat][block][r], np.ones((patch, patch), dtype=bool))
+                shown = np.where(keep_px, img.astype(float), np.nan)
+                ax.imshow(np.zeros_like(img), cmap="Reds", vmin=0, vmax=4)  # dropped patches: pale background
+                ax.imshow(shown, cmap="gray", vmin=0, vmax=255)
+                g = keep_px.shape[0] // patch
+                for t in range(1, g):  # patch grid
+                    ax.axhline(t * patch - 0.5, color="w", lw=0.2, alpha=0.5)
+                    ax.axvline(t * patch - 0.5, color="w", lw=0.2, alpha=0.5)
+                n_kept = int(masks[stat][block][r].sum())
+                title = f"{stat}: after block {block}\n{n_kept} patches kept"
+                if b == len(blocks) - 1:
+                    ok = "ok" if preds[stat][r] == labels[r] else "WRONG"
+                    title = f"{stat}: after block {block}\n{n_kept} kept, {ok}"
+                ax.set_title(title, fontsize=6.5)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"Patches kept (image shown) vs dropped (pale) at keep rate {keep} per pruning block, "
+                 f"by attention diversity across heads", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pruneattn demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--keep", type=float, default=0.7, help="keep rate at each pruning block (default 0.7, EViT's)")
+    p.add_argument("--stats", default="var,mad", help="comma-separated scores to compare (var, mad, mean)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--full", choices=["auto", "yes", "no"], default="auto",
+                   help="evaluate on the full test set: auto = when dataset-fashion-mnist is installed")
+    p.add_argument("--quick", action="store_true", help="shipped sample only, short timing (for tests)")
+    p.add_argument("--timing-seconds", type=float, default=None,
+                   help="seconds per timing repeat (5 repeats, best kept; default 0.5, --quick: one short repeat)")
+    p.add_argument("--images", type=int, default=6, help="images in the picture")
+    p.add_argument("--out", default="pruneattn_demo.png", help="PNG to write")
+    args = p.parse_args(argv)
+
+    import pruneattn
+    from pruneattn import datasets
+    from pruneattn.train import TEST_SEED, load_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stats = [s.strip() for s in args.stats.split(",") if s.strip()]
+    model, ckpt = load_model(args.weights, device=device)
+    cfg, meta = ckpt["config"], ckpt.get("meta", {})
+    patch, grid = cfg["patch_size"], cfg["img_size"] // cfg["patch_size"]
+    backend = pruneattn.backend_for(device)
+    print(f"pruneattn demo: ViT ({cfg['depth']} blocks, width {cfg['embed_dim']}, {cfg['num_heads']} heads, "
+          f"patch {patch} on a {cfg['img_size']}x{cfg['img_size']} canvas: {grid * grid} patches), "
+          f"trained on Fashion-MNIST ({meta.get('command', '?')}); device {device}, pruning backend {backend}"
+          + ("" if device.type == "cuda" else f", {torch.get_num_threads()} CPU threads"))
+
+    sample_imgs, sample_labels = datasets.load_sample()
+    sets = [("shipped sample", sample_imgs, sample_labels)]
+    want_full = args.full == "yes" or (args.full == "auto" and not args.quick)
+    if want_full:
+        try:
+            full_imgs, full_labels = datasets.load_fashion_mnist("test")
+            sets.append(("full test set", full_imgs, full_labels))
+        except datasets.DatasetMissing as e:
+            if args.full == "yes":
+                raise
+            print(f"(full test set not installed: `{datasets.INSTALL_HINT}` adds it; using the shipped sample only)")
+            del e
+
+    def view(imgs, indices=None):  # indices: the images' indices in the test set (set their canvas position)
+        indices = np.arange(len(imgs)) if indices is None else indices
+        return datasets.normalize(datasets.make_view(imgs, indices, view=cfg.get("view", "canvas"),
+                                                     canvas=cfg.get("canvas", 56), seed=TEST_SEED)).to(device)
+
+    configs = [("unpruned", None)] + [(f"{s} keep {args.keep}", s) for s in stats]
+    bench_batch = 64 if args.quick else (1024 if device.type == "cuda" else 256)
+    x_bench = view(np.resize(sample_imgs, (bench_batch, *sample_imgs.shape[1:])))
+    results = {}
+    for name, stat in configs:
+        pruneattn.unpatch(model)
+        if stat is not None:
+            pruneattn.patch(model, keep_rate=args.keep, layers=LAYERS, stat=stat, query="cls", mode="drop")
+        row = {}
+        for set_name, imgs, labels in sets:
+            pred = predict(model, view(imgs))
+            row[set_name] = float((pred.numpy() == labels).mean())
+        short = args.quick or args.timing_seconds == 0
+        row["images/s"] = images_per_second(model, x_bench, repeats=1 if short else 5,
+                                            min_seconds=0.0 if short else (args.timing_seconds or 0.5))
+        if stat is not None:
+            model(x_bench[:1])
+            row["tokens"] = [int(t.shape[1]) + 1 for t in pruneattn.kept_indices(model).values()]
+        results[name] = row
+    pruneattn.unpatch(model)
+
+    width = max(len(n) for n in results) + 2
+    head = "".join(f"{f'top-1 {s} ({len(l)})':>28}" for s, _, l in sets)
+    print(f"\n{'':<{width}}{head}{f'images/s (batch {bench_batch})':>24}   tokens after blocks 3/6/9")
+    base = results["unpruned"]["images/s"]
+    for name, row in results.items():
+        accs = "".join(f"{100 * row[s]:>27.2f}%" for s, _, _ in sets)
+        speed = f"{row['images/s']:>12.0f} ({row['images/s'] / base:.2f}x)"
+        toks = "/".join(map(str, row.get("tokens", [grid * grid + 1] * 3)))
+        print(f"{name:<{width}}{accs}{speed:>24}   {toks}")
+
+    # The picture: a few sample images of different classes.
+    picks, seen = [], set()
+    for i, lab in enumerate(sample_labels):
+        if lab not in seen:
+            picks.append(i)
+            seen.add(lab)
+        if len(picks) == args.images:
+            break
+    x = view(sample_imgs[picks], np.array(picks))
+    masks, preds = {}, {}
+    with torch.no_grad():
+        preds["unpruned"] = model(x).argmax(-1).cpu().numpy()
+    for stat in stats:
+        pruneattn.patch(model, keep_rate=args.keep, layers=LAYERS, stat=stat, query="cls", mode="drop")
+        masks[stat] = kept_masks(model, x, grid)
+        with torch.no_grad():
+            preds[stat] = model(x).argmax(-1).cpu().numpy()
+        pruneattn.unpatch(model)
+    canvas = datasets.make_view(sample_imgs[picks], np.array(picks), view=cfg.get("view", "canvas"),
+                                canvas=cfg.get("canvas", 56), seed=TEST_SEED).numpy()
+    out = Path(args.out)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("\n(no picture: `pip install matplotlib` to get the PNG of the kept patches)")
+        return 0
+    draw(canvas, sample_labels[picks], preds, masks, patch, out, args.keep)
+    print(f"\nwrote {out}: which patches survive blocks {', '.join(map(str, LAYERS))} for {len(picks)} test images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""``pruneattn demo`` end to end on the shipped model and sample (quick mode), and its picture."""
+import re
+
+import numpy as np
+import pytest
+
+import pruneattn
+from pruneattn import cli, datasets, demo
+
+
+@pytest.fixture
+def fast_backend():
+    # One torch thread (a shared CPU stalls with more). Under the test suite's TRITON_INTERPRET=1 the pruning blocks would run in Triton's (slow) interpreter;
+    # the demo's job here is the pipeline, so use the fast CPU path (the kernels have their own tests).
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pruneattn.use_backend("cpu"):
+        yield
+    torch.set_num_threads(n)
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys, fast_backend):
+    out = tmp_path / "demo.png"
+    assert demo.main(["--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # one row per configuration, with accuracy and speed
+    rows = {name: re.search(rf"^{re.escape(name)}\s+([\d.]+)%\s+(\d+) \(", text, re.M)
+            for name in ("unpruned", "var keep 0.7", "mad keep 0.7")}
+    assert all(rows.values()), text
+    accs = {k: float(m.group(1)) for k, m in rows.items()}
+    assert accs["unpruned"] > 60, text  # the shipped model on the shipped sample, chance is 10%
+    assert min(accs["var keep 0.7"], accs["mad keep 0.7"]) > accs["unpruned"] - 20, text
+    assert "46/33/24" in text  # tokens after blocks 3/6/9 at keep 0.7 of 64 patches (+ class token)
+    assert out.is_file() and out.stat().st_size > 20_000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_via_cli_and_picture_content(tmp_path, monkeypatch, capsys, fast_backend):
+    monkeypatch.setenv("PRUNEATTN_FASHION_MNIST", str(tmp_path / "nowhere"))  # no full test set
+    out = tmp_path / "d.png"
+    assert cli.main(["demo", "--full", "auto", "--stats", "mad", "--keep", "0.5", "--images", "2",
+                     "--timing-seconds", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "apt-get install -y dataset-fashion-mnist" in text
+    assert "mad keep 0.5" in text and "var keep" not in text and "33/17/9" in text
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert img[..., :3].std() > 0.1  # not a blank canvas
+    with pytest.raises(datasets.DatasetMissing):
+        demo.main(["--full", "yes", "--out", str(tmp_path / "e.png")])
+
+
+def test_kept_masks_match_kept_indices(fast_backend):
+    import torch
+
+    from pruneattn.train import load_model
+
+    model, ckpt = load_model()
+    imgs, _ = datasets.load_sample()
+    x = datasets.normalize(datasets.make_view(imgs[:3], np.arange(3), canvas=56, seed=0))
+    pruneattn.patch(model, keep_rate=0.7, layers=(3, 6, 9), stat="var")
+    masks = demo.kept_masks(model, x, grid=8)
+    idx = pruneattn.kept_indices(model)
+    for b in (3, 6, 9):
+        assert masks[b].shape == (3, 8, 8)
+        assert masks[b].reshape(3, -1).sum(1).tolist() == [idx[b].shape[1]] * 3
+        assert torch.equal(torch.nonzero(torch.from_numpy(masks[b][1].reshape(-1)))[:, 0], idx[b][1].cpu())
+    # each later block keeps a subset of the earlier one
+    assert not (masks[6] & ~masks[3]).any() and not (masks[9] & ~masks[6]).any()

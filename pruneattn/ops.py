@@ -47,12 +47,22 @@ def _reference_stats(q, k, v, stat, query, num_prefix, scale):
 
 def _triton_stats(q, k, v, stat, query, num_prefix, scale):
     from pruneattn.kernels import check_supported
-    from pruneattn.kernels.attention import attention_fwd
-    from pruneattn.kernels.colsum import column_mean
+    from pruneattn.kernels.choose import attention_backend
     from pruneattn.kernels.head_stats import head_stats
 
     check_supported(q)
     is_cls = query == "cls"
+    if attention_backend(q, query) == "sdpa":
+        # SDPA for the output + the class row alone; rows[..., 0] holds its log2-sum-exp.
+        from pruneattn.kernels.prefix_rows import class_rows
+
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        rows = class_rows(q, k, scale)
+        scores, head_mean = head_stats(rows, rows, num_prefix=num_prefix, stat=stat, is_cls=True)
+        return out, scores, head_mean
+    from pruneattn.kernels.attention import attention_fwd
+    from pruneattn.kernels.colsum import column_mean
+
     out, lse, cls_logits = attention_fwd(q, k, v, scale, store_cls=is_cls)
     received = cls_logits if is_cls else column_mean(q, k, lse, scale)
     scores, head_mean = head_stats(received, lse, num_prefix=num_prefix, stat=stat, is_cls=is_cls)

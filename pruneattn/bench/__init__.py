@@ -1,0 +1,144 @@
+"""``pruneattn bench`` (also ``python -m pruneattn.bench``): benchmarks and the kernel account.
+
+    pruneattn bench --account            exact bytes / FLOPs of every Triton kernel (interpreter)
+    pruneattn bench --cpu-ops            CPU path vs SDPA vs eager (issue 7 part 1 targets)
+    pruneattn bench --cpu-models         DeiT-S / ViT-S-384 on the CPU (part 4 targets)
+    pruneattn bench --ops                op-level suite (GPU: bf16 + fp16, all standard shapes)
+    pruneattn bench --models             model-level suite (GPU: DeiT-T/S/B 224, ViT-B/16 384)
+    pruneattn bench                      everything that fits the machine: --ops --models on a GPU,
+                                         --cpu-ops --cpu-models on a CPU
+
+``--out DIR`` writes ``<suite>.json`` (every number with device, versions, dtype, shapes, date),
+``<suite>.md`` and ``<suite>.png`` into DIR; a table is printed either way. ``--smoke`` runs tiny
+shapes once (seconds: what CI runs). Timings are printed, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+_SUITES = ("account", "cpu-ops", "cpu-models", "ops", "models")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pruneattn bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    for s in _SUITES:
+        p.add_argument(f"--{s}", action="store_true", help=f"run the {s} suite")
+    p.add_argument("--out", default=None, help="folder for JSON, Markdown and PNG results")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (seconds; for CI)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the CPU suites (default 2)")
+    p.add_argument("--reps", type=int, default=None, help="timing repeats for the CPU suites")
+    p.add_argument("--no-memory", action="store_true", help="cpu-models: skip the peak-memory subprocesses")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def _write(out_dir: str | None, stem: str, result: dict, md: str, plot_fn=None) -> None:
+    from pruneattn.bench.report import write_json
+
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{stem}.json"), result)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    made = plot_fn(result["rows"], os.path.join(out_dir, f"{stem}.png")) if plot_fn else False
+    print(f"wrote {out_dir}/{stem}.json, {stem}.md" + (f", {stem}.png" if made else ""))
+
+
+def _env_line(env: dict) -> str:
+    return (f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; threads {env['threads']}; "
+            f"date {env['date']}; load avg {env['load_average_1min']}")
+
+
+def _section(title: str, env: dict, rows: list[dict], columns: list[str], extra: str = "") -> tuple[str, str]:
+    from pruneattn.bench.report import markdown_table, text_table
+
+    cols = [c for c in columns if any(c in r for r in rows)]
+    md = f"# {title}\n\n{_env_line(env)}\n\n{markdown_table(rows, cols)}\n{extra}"
+    txt = f"== {title}\n{_env_line(env)}\n{text_table(rows, cols)}\n{extra}"
+    return md, txt
+
+
+def _checks_md(checks: list[dict]) -> str:
+    from pruneattn.bench.report import markdown_table
+
+    if not checks:
+        return ""
+    cols = list(dict.fromkeys(k for c in checks for k in c if not isinstance(c[k], dict)))
+    return "\n## Targets\n\n" + markdown_table(checks, cols) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    progress = not args.no_progress
+    chosen = [s for s in _SUITES if getattr(args, s.replace("-", "_"))]
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not chosen:
+        chosen = ["ops", "models"] if device.type == "cuda" else ["cpu-ops", "cpu-models"]
+    if "account" in chosen:
+        from pruneattn.bench import account
+
+        acc_argv = ["--out", args.out] if args.out else []
+        if args.smoke:
+            acc_argv += ["--shapes", "3:197"]
+        rc = account.main(acc_argv)
+        if rc:
+            return rc
+    if "cpu-ops" in chosen:
+        from pruneattn.bench import cpu_ops
+        from pruneattn.bench.ops_suite import plot
+
+        res = cpu_ops.run_cpu_ops(cpu_ops.SMOKE_SHAPES if args.smoke else cpu_ops.SHAPES, reps=args.reps or 15,
+                                  smoke=args.smoke, threads=args.threads, progress=progress)
+        extra = _checks_md([{k: v for k, v in c.items() if k != "mean_largest_temporary"} | {
+            "mean_largest_temp": str(c["mean_largest_temporary"]["largest_shape"]),
+            "one_chunk_numel": c["mean_largest_temporary"]["one_query_chunk_numel"]} for c in res["checks"]])
+        extra += "\nop layer overhead (us, tiny input): " + ", ".join(f"{k} {v:.1f}" for k, v in res["op_overhead_us"].items()) + "\n"
+        md, txt = _section("CPU attention + scores vs SDPA alone vs eager", res["environment"], res["rows"],
+                           ["B", "H", "N", "candidate", "median_ms", "q1_ms", "q3_ms", "x_sdpa"], extra)
+        print(txt)
+        _write(args.out, "cpu_ops", res, md, plot)
+    if "cpu-models" in chosen:
+        from pruneattn.bench import models_cpu
+
+        res = models_cpu.run_models_cpu(models_cpu.SMOKE_CASES if args.smoke else models_cpu.CASES,
+                                        reps=args.reps or 9, smoke=args.smoke, threads=args.threads,
+                                        memory=not args.no_memory, progress=progress)
+        md, txt = _section("CPU models: unpatched vs pruneattn vs EViT-style eager", res["environment"], res["rows"],
+                           ["model", "img_size", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
+                            "bound_fraction", "over_evit", "peak_rss_mb"], _checks_md(res["checks"]))
+        print(txt)
+        _write(args.out, "cpu_models", res, md, models_cpu.plot)
+    if "ops" in chosen:
+        from pruneattn.bench import ops_suite
+
+        res = ops_suite.run_ops(device, smoke=args.smoke, progress=progress)
+        md, txt = _section("Op-level suite", res["environment"], ops_suite.summary(res["rows"]),
+                           ["suite", "dtype", "B", "H", "N", "candidate", "median_ms", "ratio", "roof"])
+        print(txt)
+        _write(args.out, "ops", res, md, ops_suite.plot)
+        if args.out and res["choices"]:
+            from pruneattn.bench.report import write_json
+
+            write_json(os.path.join(args.out, "choices.json"), {"environment": res["environment"], "choices": res["choices"]})
+            print(f"wrote {args.out}/choices.json (PRUNEATTN_CHOICES={args.out}/choices.json uses it)")
+    if "models" in chosen:
+        from pruneattn.bench import models_gpu
+
+        cases = models_gpu.SMOKE_CASES if args.smoke else models_gpu.CASES
+        configs = models_gpu.SMOKE_CONFIGS if args.smoke else models_gpu.CONFIGS
+        res = models_gpu.run_models_gpu(device, cases, configs, smoke=args.smoke, batch1=not args.smoke, progress=progress)
+        md, txt = _section("Model-level suite", res["environment"], res["rows"],
+                           ["suite", "model", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
+                            "over_evit", "peak_mem_mb"])
+        print(txt)
+        _write(args.out, "models", res, md, None)
+    return 0

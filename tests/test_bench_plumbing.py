@@ -1,0 +1,131 @@
+"""The GPU suite's plumbing, run on the CPU with tiny shapes (Triton kernels in the interpreter), so that
+it works the first time a GPU is there: every candidate runs and computes what its name says, results
+carry their metadata, the files get written, the pytest-benchmark suites collect and run, and the
+FLOP-count bound matches torch's own FLOP counter."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pruneattn
+from pruneattn.bench import models as M
+from pruneattn.bench import ops_suite as S
+from pruneattn.dispatch import backend_for, use_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+META = {"device", "torch", "triton", "date", "dtype"}
+
+
+def test_attention_candidates_compute_the_same_scores(device):
+    B, H, N = 2, 3, 40
+    _, (q, k, v) = S._qkv(B, H, N, 64, torch.float32, device)
+    backend = backend_for(device)
+    with use_backend(backend):
+        fns = S.attention_candidates(q, k, v, backend)
+        results = {name: fn() for name, fn in fns.items()}
+    ref_out, ref_scores = S._eager_scores(*(t.double() for t in (q, k, v)))
+    for name, res in results.items():
+        out = res if name == "sdpa" else res[0]
+        torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4, msg=name)
+        if name.endswith("cls var") and name != "sdpa":
+            torch.testing.assert_close(res[1].double(), ref_scores.double(), atol=1e-6, rtol=1e-3, msg=name)
+    if backend == "triton":
+        assert {"fused cls var", "sdpa cls var", "fused cls mad", "sdpa cls mean", "fused mean-query var"} <= set(fns)
+
+
+def test_selection_candidates_keep_the_same_tokens(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 16, generator=g).to(device)
+    scores = torch.rand(2, 29, generator=g).to(device)
+    with use_backend(backend_for(device)):
+        res = {name: fn() for name, fn in S.selection_candidates(x, scores, torch.rand(2, 29).to(device)).items()}
+    for name in ("pruneattn drop", "torch topk+sort+gather", "torch stable sort+gather (reference)"):
+        torch.testing.assert_close(res[name][0], res["pruneattn drop"][0], msg=name)
+    assert res["pruneattn fuse"][0].shape[1] == res["pruneattn drop"][0].shape[1] + 1
+
+
+def test_cli_ops_and_models_smoke_writes_results(tmp_path):
+    from pruneattn.bench import main
+
+    assert main(["--ops", "--models", "--smoke", "--no-progress", "--out", str(tmp_path)]) == 0
+    ops = json.loads((tmp_path / "ops.json").read_text())
+    suites = {r["suite"] for r in ops["rows"]}
+    assert suites == {"attention+scores", "selection+gather", "forward+backward"}
+    for r in ops["rows"]:
+        assert META <= set(r) and {"B", "H", "N", "d"} <= set(r) and r["median_ms"] > 0
+    assert {"device", "torch", "triton", "date", "threads"} <= set(ops["environment"])
+    models = json.loads((tmp_path / "models.json").read_text())
+    configs = {r["config"] for r in models["rows"] if r["suite"] == "models"}
+    assert {"unpatched", "pruneattn var 0.7 drop", "pruneattn mad 0.5 fuse", "EViT-style eager var 0.7 drop"} == configs
+    assert any(r["suite"] == "models train step" for r in models["rows"])
+    for r in models["rows"]:
+        assert META <= set(r) and r["images_per_s"] > 0
+    for stem in ("ops", "models"):
+        assert (tmp_path / f"{stem}.md").read_text().startswith("# ")
+    assert (tmp_path / "ops.png").stat().st_size > 1000
+
+
+def test_pytest_benchmark_suites_collect_and_run(tmp_path):
+    env = dict(os.environ, PRUNEATTN_BENCH_SMOKE="1", TRITON_INTERPRET="1")
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-disable"]
+    files = ["benchmarks/bench_ops.py", "benchmarks/bench_models.py"]
+    out = subprocess.run([*base, "--collect-only", *files], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    n_att = len(S.attention_candidates(*(torch.empty(1, 1, 1, 64),) * 3, "triton"))
+    assert out.stdout.count("test_attention_scores[") == n_att  # every candidate, one tiny shape, fp16
+    assert out.stdout.count("test_inference[") == 2 * 4 and out.stdout.count("test_train_step[") == 2
+    # Run a slice (the CLI smoke test above runs every candidate): selection and one training step.
+    out = subprocess.run([*base, "-k", "test_selection_gather or (test_train_step and unpatched)", *files],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "5 passed" in out.stdout, out.stdout[-500:]
+
+
+def test_choices_table_round_trip(tmp_path, monkeypatch):
+    from pruneattn.kernels import choose
+
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"choices": [{"device": "cpu", "dtype": "float16", "H": 2, "d": 64, "N": 17, "backend": "sdpa"}]}))
+    monkeypatch.setattr(choose, "_TABLE", {})
+    assert choose.load_table(path) == 1
+    assert choose.attention_backend(torch.empty(1, 2, 17, 64, dtype=torch.float16), "cls") == "sdpa"
+
+
+@pytest.mark.parametrize("config", [M.UNPATCHED, M.pruned("var", 0.7), M.pruned("mad", 0.5), M.pruned("var", 0.7, layers=(0, 2))])
+def test_flop_bound_matches_torch_flop_counter(config, monkeypatch):
+    """The benchmark's FLOP count equals torch's FlopCounterMode on the eager-attention model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pruneattn import reference as R
+    from pruneattn.ops import AttentionStats
+
+    def eager_stats(q, k, v, *, stat, query, num_prefix, scale):  # plain torch ops: the counter sees them
+        attn = R.attention_probs(q, k, scale)
+        a = R.received_attention(attn, query)[:, :, num_prefix:]
+        return AttentionStats(attn @ v, R.head_statistic(a, stat).float(), a.mean(dim=1).float())
+
+    monkeypatch.setattr(importlib.import_module("pruneattn.patch.prune"), "attention_stats", eager_stats)
+    model = M.build("deit_tiny_patch16_224", config, img_size=64)
+    shape = M.model_shape(model)
+    for blk in model.blocks:  # eager attention in the other blocks too, so that the counter sees Q K^T and P V
+        blk.attn.fused_attn = False
+    x = M.images(2, 64)
+    with torch.no_grad(), pruneattn.use_backend("reference"), FlopCounterMode(display=False) as fc:
+        model(x)
+    assert fc.get_total_flops() == 2 * M.model_flops(shape, config)  # batch 2
+    M.check_tokens(model, config, shape, x)
+
+
+def test_token_schedule_deit_small():
+    model = M.build("deit_small_patch16_224", M.UNPATCHED)
+    shape = M.model_shape(model)
+    sched = M.token_schedule(shape, M.pruned("var", 0.7))
+    assert [s[1] for s in sched] == [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3
+    assert 1.4 < M.flop_bound(shape, M.pruned("var", 0.7)) < 1.6

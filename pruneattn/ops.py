@@ -248,9 +248,9 @@ def select_tokens(
     Exactly one of ``keep_rate`` (k = ceil(keep_rate * P), P = N - num_prefix) and ``k``. Ties go
     to the lower index. ``mode="fuse"`` appends the average of the dropped patches weighted by
     ``fuse_weights`` (B, P), e.g. ``attention_stats(...).head_mean``, renormalized over the dropped
-    ones (a zero token if nothing is dropped). Non-finite scores or weights raise ValueError,
-    except inside CUDA graph capture or torch.compile, where no host check is possible: NaN scores
-    then rank lowest.
+    ones (a zero token if nothing is dropped). On CPU tensors non-finite scores or weights raise
+    ValueError; on GPU tensors and under torch.compile the values are not checked (that would need a
+    host sync per call): NaN scores then rank lowest.
 
     Returns ``kept`` (B, num_prefix + k [+ 1], C) and ``kept_idx`` (B, k) int64 ascending, the
     indices of the kept patches among the patch tokens.

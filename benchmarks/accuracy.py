@@ -182,6 +182,43 @@ def part_c(weights, config, train_data, test, args) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def part_t(model, config, test, args) -> list[dict]:
+    """Throughput only, all configurations interleaved round by round (fair on a machine whose load changes):
+    each round runs every configuration on the same batch; best round per configuration is reported."""
+    images, _ = test
+    x = datasets.normalize(datasets.make_view(images[: args.t_batch], np.arange(args.t_batch),
+                                              canvas=config["canvas"], seed=0)).to(args.device)
+    configs = [("none", 1.0, "-")] + [("var", 1.0, "drop")] + [
+        (stat, keep, mode) for keep in KEEP_RATES[1:] for mode in ("drop", "fuse") for stat in STATS + ("random",)]
+    best = {c: 0.0 for c in configs}
+    toks = {}
+    for rnd in range(args.t_rounds):
+        for c in configs:
+            stat, keep, mode = c
+            if stat == "none":
+                unpatch_model(model)
+            else:
+                patch_model(model, keep_rate=keep, stat=stat, mode=mode)
+            model(x[:8])  # warm-up
+            if c not in toks:
+                toks[c] = tokens_per_block(model, x[:2])
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.t_iters):
+                model(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            best[c] = max(best[c], args.t_iters * x.shape[0] / (time.perf_counter() - t0))
+        print(f"round {rnd + 1}/{args.t_rounds}: " + ", ".join(f"{c[0]}/{c[2]}/{c[1]} {best[c]:.0f}" for c in configs),
+              flush=True)
+    unpatch_model(model)
+    base = best[configs[0]]
+    return [dict(part="t", stat=c[0], mode=c[2], keep=c[1], images_per_s=round(v, 1), speedup=round(v / base, 3),
+                 tokens_per_block=toks[c], batch=args.t_batch) for c, v in best.items()]
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -201,7 +238,7 @@ def _group(rows, keys):
 
 def report(args) -> None:
     res = Path(args.results)
-    parts = {p: json.loads((res / f"accuracy_{p}.json").read_text()) for p in "abc"
+    parts = {p: json.loads((res / f"accuracy_{p}.json").read_text()) for p in "abct"
              if (res / f"accuracy_{p}.json").is_file()}
     lines = ["# Fashion-MNIST: accuracy of pruning (var / MAD / mean / random)", ""]
     meta = next(iter(parts.values()))["meta"] if parts else {}
@@ -218,7 +255,7 @@ def report(args) -> None:
                   f"{base['images_per_s_median']:.0f} images/s.", ""]
         for mode in ("drop", "fuse"):
             lines += [f"### mode = {mode}", "",
-                      "| keep | tokens per block (0..11) | var | mad | mean (EViT) | random (3 seeds) | images/s (var) |",
+                      "| keep | tokens per block (0..11) | var | mad | mean (EViT) | random (3 seeds) | images/s (var; noisy, see Throughput) |",
                       "|---|---|---|---|---|---|---|"]
             for keep in KEEP_RATES:
                 m = "drop" if keep == 1.0 else mode
@@ -259,6 +296,23 @@ def report(args) -> None:
                          f"{' '.join(map(str, g[0]['tokens_per_block']))} | {_fmt_acc([r['top1'] for r in g])} | "
                          f"{statistics.median(r['images_per_s_median'] for r in g):.0f} |")
         lines.append("")
+    if "t" in parts:
+        rows = parts["t"]["rows"]
+        tm = parts["t"]["meta"]
+        lines += ["## Throughput (interleaved measurement)", "",
+                  f"Forward of one batch of {rows[0]['batch']} test images, {tm.get('threads')} torch thread(s), "
+                  f"{tm.get('device')}; every configuration runs once per round, rounds repeated, best round kept "
+                  "(`--part t`). Speed-up is against the unpatched model (timm's own SDPA forward) in the same run.",
+                  "", "| keep | mode | tokens per block (0..11) | var | mad | mean | random |", "|---|---|---|---|---|---|---|"]
+        base = next(r for r in rows if r["stat"] == "none")
+        lines.append(f"| unpatched | - | {' '.join(map(str, base['tokens_per_block']))} | "
+                     f"{base['images_per_s']:.0f} images/s (1.00x) | | | |")
+        for (keep, mode), g in _group([r for r in rows if r["stat"] != "none"], ["keep", "mode"]).items():
+            by = {r["stat"]: r for r in g}
+            cells = [f"{by[s]['images_per_s']:.0f} ({by[s]['speedup']:.2f}x)" if s in by else "-"
+                     for s in STATS + ("random",)]
+            lines.append(f"| {keep} | {mode} | {' '.join(map(str, g[0]['tokens_per_block']))} | " + " | ".join(cells) + " |")
+        lines.append("")
     (res / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(parts, res)
@@ -295,14 +349,27 @@ def plot(parts, res: Path) -> None:
                     ax.errorbar([0.5 + 0.015 * (STATS + ("random",)).index(stat)], [statistics.mean(vals)],
                                 yerr=[statistics.stdev(vals) if len(vals) > 1 else 0], marker="*", markersize=11,
                                 color=colors[stat], capsize=3, linestyle="none")
+        if "b" in parts and mode == "drop":
+            vals = [100 * r["top1"] for r in parts["b"]["rows"] if r["stat"] == "none"]
+            if vals:
+                ax.errorbar([1.0], [statistics.mean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0],
+                            marker="*", markersize=11, color="k", capsize=3, linestyle="none",
+                            label="fine-tuned, unpruned control")
         ax.axhline(100 * base["top1"], color="k", linestyle=":", linewidth=1, label="unpruned")
         ax.set_xlabel("keep rate at blocks 3 / 6 / 9")
-        ax.set_title(f"mode = {mode}" + ("   (stars: after fine-tuning)" if mode == "drop" and "b" in parts else ""))
+        ax.set_title(f"mode = {mode}" + ("\n(stars: after fine-tuning with pruning on, keep 0.5, mean ± std of "
+                                              "3 seeds; shifted left for legibility)" if mode == "drop" and "b" in parts
+                                              else "\n"), fontsize=9)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test top-1 (%)")
     axes[1].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Fashion-MNIST 56x56 canvas, ViT (12 blocks, 128 wide, 4 heads): pruning without fine-tuning")
+    if "b" in parts:
+        hl = [(h, lab) for h, lab in zip(*axes[0].get_legend_handles_labels()) if lab.startswith("fine-tuned")]
+        if hl:
+            axes[0].legend(*zip(*hl), loc="lower left", fontsize=8)
+    fig.suptitle("Fashion-MNIST test set (56x56 canvas), ViT (12 blocks, width 128, 4 heads): pruning at blocks 3/6/9, "
+                 "lines = no fine-tuning", fontsize=10)
     fig.tight_layout()
     fig.savefig(res / "accuracy.png", dpi=110)
     print(f"wrote {res / 'accuracy.png'}")
@@ -310,7 +377,10 @@ def plot(parts, res: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["a", "b", "c"])
+    p.add_argument("--part", choices=["a", "b", "c", "t"])
+    p.add_argument("--t-batch", type=int, default=256, help="part t: batch size")
+    p.add_argument("--t-rounds", type=int, default=5, help="part t: interleaved rounds (best kept)")
+    p.add_argument("--t-iters", type=int, default=2, help="part t: batches per configuration per round")
     p.add_argument("--report", action="store_true")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--random-seeds", type=int, default=3)
@@ -341,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.part == "a":
         rows = part_a(model, config, test, args)
+    elif args.part == "t":
+        rows = part_t(model, config, test, args)
     else:
         train_data = datasets.load_fashion_mnist("train")
         fn = part_b if args.part == "b" else part_c

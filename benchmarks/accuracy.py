@@ -11,6 +11,8 @@ attention of blocks 3 / 6 / 9:
   --part c   overlapping patch embedding (``pruneattn.overlap_patches``, kernel 7 stride 6 padding 2:
              9 x 9 = 81 patches) + keep 0.5, against the plain embedding at keep 0.7 (about the same
              number of token-blocks), both fine-tuned the same way.
+  --part t   throughput only, every configuration interleaved round by round (best round kept).
+  --part f   where the kept patches are: share of object (non-background) patches among the kept ones.
   --report   merge the parts' JSON into ``benchmarks/results/accuracy.md`` and ``accuracy.png``.
 
 Random pruning (the control): the blocks are patched with ``stat="mean"`` and then switched to a
@@ -219,6 +221,32 @@ def part_t(model, config, test, args) -> list[dict]:
                  tokens_per_block=toks[c], batch=args.t_batch) for c, v in best.items()]
 
 
+@torch.no_grad()
+def part_f(model, config, test, args) -> list[dict]:
+    """Where the kept patches are: the share of object patches (any non-zero pixel of the canvas patch)
+    among the patches kept by each pruning block, per score, at keep ``args.f_keep`` (drop)."""
+    images, _ = test
+    p, grid = config["patch_size"], config["img_size"] // config["patch_size"]
+    raw = datasets.make_view(images, np.arange(len(images)), canvas=config["canvas"], seed=0)
+    fg = (raw.view(-1, grid, p, grid, p) > 0).any(dim=4).any(dim=2).reshape(len(images), -1)  # (n, P) bool
+    rows = [dict(part="f", stat="all patches", keep=1.0, block=None, object_share=round(float(fg.float().mean()), 4))]
+    for stat in STATS + ("random",):
+        patch_model(model, keep_rate=args.f_keep, stat=stat, mode="drop")
+        shares: dict[int, list] = {}
+        for start in range(0, len(images), 256):
+            model(datasets.normalize(raw[start : start + 256]).to(args.device))
+            for block, idx in pruneattn.kept_indices(model).items():
+                shares.setdefault(block, []).append(fg[start : start + 256].gather(1, idx.cpu()).float().sum().item())
+        for block, vals in shares.items():
+            k = pruneattn.kept_indices(model)[block].shape[1]
+            row = dict(part="f", stat=stat, keep=args.f_keep, block=block, patches_kept=k,
+                       object_share=round(sum(vals) / (k * len(images)), 4))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    unpatch_model(model)
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -238,7 +266,7 @@ def _group(rows, keys):
 
 def report(args) -> None:
     res = Path(args.results)
-    parts = {p: json.loads((res / f"accuracy_{p}.json").read_text()) for p in "abct"
+    parts = {p: json.loads((res / f"accuracy_{p}.json").read_text()) for p in "abctf"
              if (res / f"accuracy_{p}.json").is_file()}
     lines = ["# Fashion-MNIST: accuracy of pruning (var / MAD / mean / random)", ""]
     meta = next(iter(parts.values()))["meta"] if parts else {}
@@ -313,6 +341,21 @@ def report(args) -> None:
                      for s in STATS + ("random",)]
             lines.append(f"| {keep} | {mode} | {' '.join(map(str, g[0]['tokens_per_block']))} | " + " | ".join(cells) + " |")
         lines.append("")
+    if "f" in parts:
+        rows = parts["f"]["rows"]
+        allp = next(r for r in rows if r["stat"] == "all patches")
+        keep = next(r["keep"] for r in rows if r["block"] is not None)
+        lines += ["## Which patches are kept: share of object patches", "",
+                  f"A patch is an object patch if any pixel of it is non-zero on the canvas; "
+                  f"{100 * allp['object_share']:.1f}% of all patches are (the rest is empty background). Share of "
+                  f"object patches among the patches each pruning block keeps, keep {keep}, drop, no fine-tuning "
+                  "(`--part f`), full test set:", "",
+                  "| score | " + " | ".join(f"after block {b}" for b in LAYERS) + " |", "|---|" + "---|" * len(LAYERS)]
+        for stat, g in _group([r for r in rows if r["block"] is not None], ["stat"]).items():
+            by = {r["block"]: r for r in g}
+            lines.append(f"| {stat[0]} | " + " | ".join(f"{100 * by[b]['object_share']:.1f}% (of {by[b]['patches_kept']})"
+                                                        for b in LAYERS) + " |")
+        lines.append("")
     (res / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(parts, res)
@@ -377,7 +420,8 @@ def plot(parts, res: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["a", "b", "c", "t"])
+    p.add_argument("--part", choices=["a", "b", "c", "t", "f"])
+    p.add_argument("--f-keep", type=float, default=0.7, help="part f: keep rate")
     p.add_argument("--t-batch", type=int, default=256, help="part t: batch size")
     p.add_argument("--t-rounds", type=int, default=5, help="part t: interleaved rounds (best kept)")
     p.add_argument("--t-iters", type=int, default=2, help="part t: batches per configuration per round")
@@ -413,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = part_a(model, config, test, args)
     elif args.part == "t":
         rows = part_t(model, config, test, args)
+    elif args.part == "f":
+        rows = part_f(model, config, test, args)
     else:
         train_data = datasets.load_fashion_mnist("train")
         fn = part_b if args.part == "b" else part_c

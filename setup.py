@@ -20,7 +20,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "models": ["timm>=1.0", "transformers>=4.40"],
+        "models": ["timm>=1.0", "transformers>=4.40", "matplotlib"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "test": [
             "pytest>=8",

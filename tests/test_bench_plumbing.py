@@ -69,7 +69,7 @@ def test_cli_ops_and_models_smoke_writes_results(tmp_path):
         assert META <= set(r) and r["images_per_s"] > 0
     for stem in ("ops", "models"):
         assert (tmp_path / f"{stem}.md").read_text().startswith("# ")
-    assert (tmp_path / "ops.png").stat().st_size > 1000
+        assert (tmp_path / f"{stem}.png").stat().st_size > 1000
 
 
 def test_pytest_benchmark_suites_collect_and_run(tmp_path):

@@ -51,17 +51,20 @@ def _write(out_dir: str | None, stem: str, result: dict, md: str, plot_fn=None) 
     print(f"wrote {out_dir}/{stem}.json, {stem}.md" + (f", {stem}.png" if made else ""))
 
 
-def _env_line(env: dict) -> str:
+def _env_line(env: dict, end_load: float | None = None) -> str:
+    load = f"{env['load_average_1min']}" + (f" at start, {end_load} at end" if end_load is not None else "")
     return (f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; threads {env['threads']}; "
-            f"date {env['date']}; load avg {env['load_average_1min']}")
+            f"date {env['date']}; 1-min load average {load}")
 
 
-def _section(title: str, env: dict, rows: list[dict], columns: list[str], extra: str = "") -> tuple[str, str]:
+def _section(title: str, env: dict, rows: list[dict], columns: list[str], extra: str = "",
+             end_load: float | None = None) -> tuple[str, str]:
     from pruneattn.bench.report import markdown_table, text_table
 
     cols = [c for c in columns if any(c in r for r in rows)]
-    md = f"# {title}\n\n{_env_line(env)}\n\n{markdown_table(rows, cols)}\n{extra}"
-    txt = f"== {title}\n{_env_line(env)}\n{text_table(rows, cols)}\n{extra}"
+    line = _env_line(env, end_load)
+    md = f"# {title}\n\n{line}\n\n{markdown_table(rows, cols)}\n{extra}"
+    txt = f"== {title}\n{line}\n{text_table(rows, cols)}\n{extra}"
     return md, txt
 
 
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             "one_chunk_numel": c["mean_largest_temporary"]["one_query_chunk_numel"]} for c in res["checks"]])
         extra += "\nop layer overhead (us, tiny input): " + ", ".join(f"{k} {v:.1f}" for k, v in res["op_overhead_us"].items()) + "\n"
         md, txt = _section("CPU attention + scores vs SDPA alone vs eager", res["environment"], res["rows"],
-                           ["B", "H", "N", "candidate", "median_ms", "q1_ms", "q3_ms", "x_sdpa"], extra)
+                           ["B", "H", "N", "candidate", "median_ms", "q1_ms", "q3_ms", "x_sdpa"], extra,
+                           res["load_average_end"])
         print(txt)
         _write(args.out, "cpu_ops", res, md, plot)
     if "cpu-models" in chosen:
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                                         memory=not args.no_memory, progress=progress)
         md, txt = _section("CPU models: unpatched vs pruneattn vs EViT-style eager", res["environment"], res["rows"],
                            ["model", "img_size", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
-                            "bound_fraction", "over_evit", "peak_rss_mb"], _checks_md(res["checks"]))
+                            "bound_fraction", "block_time_bound", "over_evit", "alloc_peak_mb", "forward_peak_mb"], _checks_md(res["checks"]),
+                           res["load_average_end"])
         print(txt)
         _write(args.out, "cpu_models", res, md, models_cpu.plot)
     if "ops" in chosen:
@@ -140,5 +145,5 @@ def main(argv: list[str] | None = None) -> int:
                            ["suite", "model", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
                             "over_evit", "peak_mem_mb"])
         print(txt)
-        _write(args.out, "models", res, md, None)
+        _write(args.out, "models", res, md, models_gpu.plot)
     return 0

@@ -1,6 +1,8 @@
 """CPU op-level benchmark: the fast CPU path (:mod:`pruneattn.cpu`) against SDPA alone and the eager path.
 
-Targets (issue 7, CPU, fp32, same run, interleaved repeats, medians): attention + scores with
+Timing: interleaved rounds, each candidate run once untimed right before its timed call
+(``settle``, see :func:`pruneattn.bench.timing.time_cpu`), medians. Targets (issue 7, CPU, fp32,
+same run, interleaved repeats, medians): attention + scores with
 ``query="cls"`` within 1.15x of SDPA alone at (16, 6, 197, 64) and (8, 12, 577, 64) and at least 2x
 faster than the eager path at N = 577; ``query="mean"`` within 2.5x of SDPA alone, its largest
 temporary at most one query chunk (counted by recording every torch op, not timed).
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 import pruneattn
 from pruneattn import cpu
-from pruneattn.bench.meta import environment
+from pruneattn.bench.meta import environment, load_average
 from pruneattn.bench.ops_suite import _eager_scores, _qkv
 from pruneattn.bench.timing import time_cpu
 from pruneattn.dispatch import use_backend
@@ -78,7 +80,7 @@ def run_cpu_ops(shapes=SHAPES, *, reps: int = 15, smoke: bool = False, threads: 
     with use_backend("cpu"):
         for shape in it:
             _, (q, k, v) = _qkv(*shape, torch.float32, "cpu")
-            t = time_cpu(candidates(q, k, v), reps=1 if smoke else reps, warmup=0 if smoke else 2)
+            t = time_cpu(candidates(q, k, v), reps=1 if smoke else reps, warmup=0 if smoke else 2, settle=not smoke)
             base = t["sdpa"]["median_s"]
             for name, r in t.items():
                 rows.append({
@@ -104,4 +106,5 @@ def run_cpu_ops(shapes=SHAPES, *, reps: int = 15, smoke: bool = False, threads: 
             if shape[2] == 577:
                 check["eager_ok"] = eager / cls >= TARGETS["eager_over_cls_at_577"]
             checks.append(check)
-    return {"environment": env, "rows": rows, "checks": checks, "op_overhead_us": op_overhead(20 if smoke else 200)}
+    overhead = op_overhead(20 if smoke else 200)
+    return {"environment": env, "rows": rows, "checks": checks, "op_overhead_us": overhead, "load_average_end": load_average()}

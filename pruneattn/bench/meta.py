@@ -59,4 +59,6 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_1min": load_average(),
+        "omp_env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+                    if k in os.environ},
     }

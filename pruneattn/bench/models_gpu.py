@@ -115,3 +115,18 @@ def _train_rows(name, size, batch, configs, device, env, smoke):
         "speedup": base / t[c.name]["median_s"],
         "device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"],
     } for c in train_configs]
+
+
+def plot(rows: list[dict], path: str) -> bool:
+    """Speed-up over the unpatched model per (model, batch), one bar per configuration."""
+    from pruneattn.bench.report import bar_plot
+
+    inf = [r for r in rows if r["suite"] == "models"]
+    if not inf:
+        return False
+    groups = list(dict.fromkeys((r["model"], r["img_size"], r["batch"]) for r in inf))
+    configs = list(dict.fromkeys(r["config"] for r in inf))
+    series = {c: [next((r["speedup"] for r in inf if (r["model"], r["img_size"], r["batch"]) == g and r["config"] == c), 0.0)
+                  for g in groups] for c in configs}
+    labels = [f"{m.split('_patch')[0]} {s} b{b}" for m, s, b in groups]
+    return bar_plot(path, f"speed-up over unpatched ({inf[0]['dtype']}, {inf[0]['device']})", labels, series, "x unpatched")

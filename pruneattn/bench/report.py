@@ -67,7 +67,9 @@ def bar_plot(path: str, title: str, groups: list[str], series: dict[str, list[fl
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    top = max((v for vals in series.values() for v in vals if v == v), default=1.0)
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=min(n, 3), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

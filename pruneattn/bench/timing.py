@@ -21,9 +21,17 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
-def time_cpu(fns: dict[str, Callable[[], object]], *, reps: int = 9, warmup: int = 1, min_time: float = 0.0) -> dict[str, dict]:
+def time_cpu(
+    fns: dict[str, Callable[[], object]], *, reps: int = 9, warmup: int = 1, min_time: float = 0.0, settle: bool = False
+) -> dict[str, dict]:
     """Median seconds per call of each function, interleaved; ``min_time``: keep repeating until each
-    candidate has run at least that long in total (and ``reps`` times)."""
+    candidate has run at least that long in total (and ``reps`` times).
+
+    ``settle``: in every round each candidate runs once untimed right before its timed call. Without
+    it, the call after a memory-hungry candidate (the eager path's N x N matrices) pays for the
+    allocator's state change (fresh pages: measured +2.3 ms on a 6.3 ms op, in a third of the calls),
+    which says more about the neighbour than about the candidate; in a model the same op runs in a
+    steady allocation pattern."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -31,6 +39,8 @@ def time_cpu(fns: dict[str, Callable[[], object]], *, reps: int = 9, warmup: int
     r = 0
     while r < reps or (min_time and min(sum(s) for s in samples.values()) < min_time):
         for name, fn in fns.items():
+            if settle:
+                fn()
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)

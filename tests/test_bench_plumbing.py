@@ -72,6 +72,7 @@ def test_cli_ops_and_models_smoke_writes_results(tmp_path):
         assert (tmp_path / f"{stem}.png").stat().st_size > 1000
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU plumbing check; on a GPU run the suites themselves")
 def test_pytest_benchmark_suites_collect_and_run(tmp_path):
     env = dict(os.environ, PRUNEATTN_BENCH_SMOKE="1", TRITON_INTERPRET="1")
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-disable"]

@@ -135,3 +135,24 @@ def check_tokens(model: torch.nn.Module, config: Config, shape: dict, x: torch.T
 
 def round_sig(x: float, n: int = 4) -> float:
     return float(f"{x:.{n}g}") if x and math.isfinite(x) else x
+
+
+def prepare(name: str, configs, batch: int, img_size: int, device="cpu", dtype=torch.float32):
+    """Build one model per config, check each one's token counts on the same random images, and
+    return ``(built, shape, x, forwards)`` with ``forwards[config name]()`` one no-grad forward."""
+    built = {c.name: build(name, c, device=device, dtype=dtype, img_size=img_size) for c in configs}
+    shape = model_shape(built[configs[0].name])
+    x = images(batch, img_size, device=device, dtype=dtype)
+    for c in configs:
+        check_tokens(built[c.name], c, shape, x)
+
+    def forward(c: Config):
+        model = built[c.name]
+
+        def run():
+            with torch.no_grad(), forward_context(c):
+                return model(x)
+        return run
+
+    return built, shape, x, {c.name: forward(c) for c in configs}
+

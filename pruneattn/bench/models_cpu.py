@@ -156,21 +156,8 @@ def run_models_cpu(cases=CASES, configs=CONFIGS, *, reps: int = 9, smoke: bool =
 
         it = tqdm(work, desc="cpu models", unit="case")
     for name, size, batch in it:
-        built = {c.name: M.build(name, c, img_size=size) for c in configs}
-        shape = M.model_shape(built[configs[0].name])
-        x = M.images(batch, size)
-        for c in configs:
-            M.check_tokens(built[c.name], c, shape, x)
-
-        def runner(c):
-            model = built[c.name]
-
-            def run():
-                with torch.no_grad(), M.forward_context(c):
-                    return model(x)
-            return run
-
-        t = time_cpu({c.name: runner(c) for c in configs}, reps=1 if smoke else reps, warmup=0 if smoke else 1)
+        built, shape, x, forwards = M.prepare(name, configs, batch, size)
+        t = time_cpu(forwards, reps=1 if smoke else reps, warmup=0 if smoke else 1)
         base = t[M.UNPATCHED.name]["median_s"]
         evit = next((t[c.name]["median_s"] for c in configs if c.eager), None)
         patched = next((c for c in configs if c.patched), None)

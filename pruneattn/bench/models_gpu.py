@@ -55,21 +55,8 @@ def run_models_gpu(device="cuda", cases=CASES, configs=CONFIGS, *, smoke: bool =
         it = tqdm(work, desc="models", unit="model")
     for name, size, fill in it:
         for batch in (fill, 1) if batch1 else (fill,):
-            built = {c.name: M.build(name, c, device=device, dtype=dtype, img_size=size) for c in configs}
-            shape = M.model_shape(built[configs[0].name])
-            x = M.images(batch, size, device=device, dtype=dtype)
-            for c in configs:
-                M.check_tokens(built[c.name], c, shape, x)
-
-            def runner(c):
-                model = built[c.name]
-
-                def run():
-                    with torch.no_grad(), M.forward_context(c):
-                        return model(x)
-                return run
-
-            t = time_fns({c.name: runner(c) for c in configs}, device, quick=smoke)
+            built, shape, x, forwards = M.prepare(name, configs, batch, size, device=device, dtype=dtype)
+            t = time_fns(forwards, device, quick=smoke)
             base = t[M.UNPATCHED.name]["median_s"]
             evit = {c.keep_rate: t[c.name]["median_s"] for c in configs if c.eager}
             for c in configs:
@@ -82,7 +69,7 @@ def run_models_gpu(device="cuda", cases=CASES, configs=CONFIGS, *, smoke: bool =
                     "device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"],
                 }
                 if device.type == "cuda":
-                    row["peak_mem_mb"] = peak_cuda_memory(runner(c), device) / 2**20
+                    row["peak_mem_mb"] = peak_cuda_memory(forwards[c.name], device) / 2**20
                 rows.append(row)
             del built
             if device.type == "cuda":

@@ -46,12 +46,11 @@ def test_pruning_step_has_no_host_sync_and_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(idx, eager_idx) and torch.equal(kept, eager_kept)
-    # The checks that do sync (finite scores) are skipped during capture; the kernels never sync.
-    from pruneattn.kernels.select import select_topk
-
+    # No value is read back on GPU tensors (value checks run on CPU tensors only): the whole step
+    # runs under "error" sync debugging once autotuning is done.
     torch.cuda.set_sync_debug_mode("error")
     try:
-        select_topk(torch.rand(8, 196, device=CUDA), 138)
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

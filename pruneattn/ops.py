@@ -39,13 +39,7 @@ def _bnhd(out: torch.Tensor) -> torch.Tensor:
     return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _reference_stats(q, k, v, stat, query, num_prefix, scale):
-    attn = reference.attention_probs(q, k, scale)
-    a = reference.received_attention(attn, query)[:, :, num_prefix:]
-    return attn @ v, reference.head_statistic(a, stat).float(), a.mean(dim=1).float()
-
-
-def _triton_stats(q, k, v, stat, query, num_prefix, scale):
+def _triton_stats(q, k, v, *, stat, query, num_prefix, scale):
     from pruneattn.kernels import check_supported
     from pruneattn.kernels.choose import attention_backend
     from pruneattn.kernels.head_stats import head_stats
@@ -69,7 +63,7 @@ def _triton_stats(q, k, v, stat, query, num_prefix, scale):
     return out, scores, head_mean
 
 
-_ATTENTION_BACKENDS = {"triton": _triton_stats, "cpu": cpu.attention_stats, "reference": _reference_stats}
+_ATTENTION_BACKENDS = {"triton": _triton_stats, "cpu": cpu.attention_stats, "reference": reference.attention_stats}
 
 
 @torch.library.custom_op("pruneattn::attention_stats", mutates_args=())
@@ -77,10 +71,7 @@ def _attention_stats_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     run = _ATTENTION_BACKENDS[backend_for(q.device)]
-    if run is cpu.attention_stats:
-        out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
-    else:
-        out, scores, head_mean = run(q, k, v, stat, query, num_prefix, scale)
+    out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
     return _bnhd(out), scores, head_mean
 
 

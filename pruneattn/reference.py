@@ -17,6 +17,7 @@ from pruneattn.validate import (
 __all__ = [
     "attention_probs",
     "attention_scores",
+    "attention_stats",
     "dropped_weights",
     "head_statistic",
     "received_attention",
@@ -56,6 +57,24 @@ def head_statistic(a: torch.Tensor, stat: str = "var") -> torch.Tensor:
     raise ValueError(f"stat must be 'var', 'mad' or 'mean', got {stat!r}")
 
 
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    stat: str = "var",
+    query: str = "cls",
+    num_prefix: int = 1,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention output ``(B, H, N, d)``, float32 patch scores and float32 head-mean received
+    attention (the fuse weights), both ``(B, N - num_prefix)``."""
+    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    attn = attention_probs(q, k, scale)
+    a = received_attention(attn, query)[:, :, num_prefix:]
+    return attn @ v, head_statistic(a, stat).float(), a.mean(dim=1).float()
+
+
 def attention_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,11 +90,8 @@ def attention_scores(
     Scores are float32 whatever the input dtype (the spec); for a float64 truth call
     :func:`head_statistic` on :func:`received_attention` directly.
     """
-    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
-    attn = attention_probs(q, k, scale)
-    out = attn @ v
-    a = received_attention(attn, query)[:, :, num_prefix:]
-    return out, head_statistic(a, stat).float()
+    out, scores, _ = attention_stats(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    return out, scores
 
 
 def select_tokens(

@@ -6,14 +6,19 @@ attention of blocks 3 / 6 / 9:
 
   --part a   no fine-tuning: keep rates 1.0 / 0.9 / 0.7 / 0.5 / 0.3, scores var / mad / mean (EViT's rule)
              and random (3 seeds), modes drop and fuse.
-  --part b   short fine-tuning with pruning on (keep 0.5, drop; var / mad / mean / random, and an
-             unpruned fine-tuning control with the same schedule), ``--seeds`` seeds each.
+  --part b   short fine-tuning with pruning on (``--ft-epochs``, default 2; keep 0.5, drop; var / mad /
+             mean / random, and an unpruned fine-tuning control with the same schedule), ``--seeds`` seeds each.
   --part c   overlapping patch embedding (``pruneattn.overlap_patches``, kernel 7 stride 6 padding 2:
              9 x 9 = 81 patches) + keep 0.5, against the plain embedding at keep 0.7 (about the same
              number of token-blocks), both fine-tuned the same way.
   --part t   throughput only, every configuration interleaved round by round (best round kept).
   --part f   where the kept patches are: share of object (non-background) patches among the kept ones.
   --report   merge the parts' JSON into ``benchmarks/results/accuracy.md`` and ``accuracy.png``.
+
+Parts b and c are long on a CPU (one fine-tuning is minutes); split them into shards that run side by
+side with ``--seed-list``, ``--stat-list`` (and ``--c-runs``, ``--no-zero-epoch`` for part c), each
+writing ``--out results/accuracy_<part>_<name>.json``: the report joins ``accuracy_<part>.json`` and
+every ``accuracy_<part>_*.json``.
 
 Random pruning (the control): the blocks are patched with ``stat="mean"`` and then switched to a
 subclass of the patched timm block whose scores are replaced by uniform random numbers from a seeded
@@ -155,10 +160,24 @@ def finetune_and_eval(weights, config, train_data, test, *, stat, keep, mode, se
     return run_eval(model, test, config, label=label, device=args.device)
 
 
+def _seeds(args) -> list[int]:
+    return [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+
+
+def _stats(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not args.stat_list:
+        return default
+    chosen = tuple(args.stat_list.split(","))
+    unknown = set(chosen) - set(default)
+    if unknown:
+        raise SystemExit(f"--stat-list: {sorted(unknown)} not among {default}")
+    return chosen
+
+
 def part_b(weights, config, train_data, test, args) -> list[dict]:
     rows = []
-    for seed in range(args.seeds):
-        for stat in ("none",) + STATS + ("random",):
+    for seed in _seeds(args):
+        for stat in _stats(args, ("none",) + STATS + ("random",)):
             rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.5, mode="drop",
                                           seed=seed, args=args))
     return rows
@@ -167,20 +186,27 @@ def part_b(weights, config, train_data, test, args) -> list[dict]:
 def part_c(weights, config, train_data, test, args) -> list[dict]:
     if not hasattr(pruneattn, "overlap_patches"):
         raise SystemExit("pruneattn.overlap_patches is not available in this checkout")
+    runs = set(args.c_runs.split(","))
+    if not runs <= {"overlap", "plain"}:
+        raise SystemExit(f"--c-runs: {sorted(runs - {'overlap', 'plain'})} not among ['overlap', 'plain']")
+    stats = _stats(args, ("var", "mad"))
     model, _ = load_model(weights, device=args.device)
     rows = []
     pruneattn.overlap_patches(model, stride=6, padding=2)
-    for stat in ("var", "mad"):
-        patch_model(model, keep_rate=0.5, stat=stat, mode="drop")
-        rows.append(run_eval(model, test, config, device=args.device,
-                             label=dict(part="c", stat=stat, mode="drop", keep=0.5, seed=None, overlap=[6, 2],
-                                        ft_epochs=0)))
-    for seed in range(args.seeds):
-        for stat in ("var", "mad"):
-            rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.5, mode="drop",
-                                          seed=seed, args=args, overlap=(6, 2)))
-            rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.7, mode="drop",
-                                          seed=seed, args=args))
+    if not args.no_zero_epoch:
+        for stat in stats:
+            patch_model(model, keep_rate=0.5, stat=stat, mode="drop")
+            rows.append(run_eval(model, test, config, device=args.device,
+                                 label=dict(part="c", stat=stat, mode="drop", keep=0.5, seed=None, overlap=[6, 2],
+                                            ft_epochs=0)))
+    for seed in _seeds(args):
+        for stat in stats:
+            if "overlap" in runs:
+                rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.5, mode="drop",
+                                              seed=seed, args=args, overlap=(6, 2)))
+            if "plain" in runs:
+                rows.append(finetune_and_eval(weights, config, train_data, test, stat=stat, keep=0.7, mode="drop",
+                                              seed=seed, args=args))
     return rows
 
 
@@ -264,10 +290,21 @@ def _group(rows, keys):
     return out
 
 
+def _load_part(res: Path, part: str) -> dict | None:
+    """One part's results: ``accuracy_<part>.json`` or its shards ``accuracy_<part>_*.json`` (rows joined;
+    the shards' commands kept in ``meta['commands']``)."""
+    files = sorted(res.glob(f"accuracy_{part}.json")) + sorted(res.glob(f"accuracy_{part}_*.json"))
+    if not files:
+        return None
+    loaded = [json.loads(f.read_text()) for f in files]
+    meta = dict(loaded[0]["meta"], commands=[d["meta"]["command"] for d in loaded])
+    return {"meta": meta, "rows": [r for d in loaded for r in d["rows"]]}
+
+
 def report(args) -> None:
     res = Path(args.results)
-    parts = {p: json.loads((res / f"accuracy_{p}.json").read_text()) for p in "abctf"
-             if (res / f"accuracy_{p}.json").is_file()}
+    parts = {p: _load_part(res, p) for p in "abctf"}
+    parts = {p: v for p, v in parts.items() if v is not None}
     lines = ["# Fashion-MNIST: accuracy of pruning (var / MAD / mean / random)", ""]
     meta = next(iter(parts.values()))["meta"] if parts else {}
     lines += [f"Model: `{meta.get('weights')}` ({meta.get('model_meta', {}).get('command', '?')}); "
@@ -315,7 +352,8 @@ def report(args) -> None:
         if p not in parts:
             continue
         rows = parts[p]["rows"]
-        lines += [f"## {title}", "", f"Fine-tuning: {parts[p]['meta'].get('ft')}", "",
+        seeds = sorted({r["seed"] for r in rows if r.get("ft_epochs")})
+        lines += [f"## {title}", "", f"Fine-tuning: {parts[p]['meta'].get('ft')}; seeds {seeds}.", "",
                   "| overlap (stride, pad) | stat | keep | fine-tuned epochs | tokens per block | top-1 % | images/s |",
                   "|---|---|---|---|---|---|---|"]
         for key, g in _group(rows, ["overlap", "stat", "keep", "ft_epochs"]).items():
@@ -429,9 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (parts b, c)")
-    p.add_argument("--ft-epochs", type=float, default=0.2)
+    p.add_argument("--seed-list", default="", help="parts b, c: run only these seeds, e.g. 0,2 (a shard)")
+    p.add_argument("--stat-list", default="", help="parts b, c: run only these stats, e.g. none,var (a shard)")
+    p.add_argument("--no-zero-epoch", action="store_true", help="part c: skip the evaluations before fine-tuning")
+    p.add_argument("--c-runs", default="overlap,plain",
+                   help="part c: which fine-tunings, comma list of 'overlap' (overlapping embedding, keep 0.5) "
+                        "and 'plain' (plain embedding, keep 0.7: about as many token-blocks)")
+    p.add_argument("--ft-epochs", type=float, default=2.0)
     p.add_argument("--ft-lr", type=float, default=1e-4)
-    p.add_argument("--ft-warmup", type=int, default=10)
+    p.add_argument("--ft-warmup", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images only (0: all)")
     p.add_argument("--threads", type=int, default=1)
@@ -468,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.time() - t0), "ft": None if args.part == "a" else
             f"{args.ft_epochs} epoch(s) of the 60,000 training images, batch {args.batch_size}, AdamW lr {args.ft_lr} "
-            f"(warm-up {args.ft_warmup} steps, cosine to {args.ft_lr / 100}), label smoothing 0.1, flips; "
-            f"{args.seeds} seed(s)"}
+            f"(warm-up {args.ft_warmup} steps, cosine to {args.ft_lr / 100}), label smoothing 0.1, flips"}
     out = Path(args.out) if args.out else RESULTS / f"accuracy_{args.part}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

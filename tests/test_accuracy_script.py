@@ -1,0 +1,93 @@
+"""``benchmarks/accuracy.py`` end to end on a tiny slice: every part runs, shards of one part merge in the
+report, and the report's numbers are the JSON's.
+
+The data folder is made from the shipped sample (written as idx files), so this runs without the
+Debian package; the pruning blocks use the fast CPU path (the kernels have their own tests).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pruneattn
+from pruneattn import datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_idx(path: Path, array: np.ndarray, code: int) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+@pytest.fixture
+def accuracy(tmp_path, monkeypatch):
+    """The script as a module, reading a data folder made of the shipped sample (as train and as test)."""
+    images, labels = datasets.load_sample()
+    for split in ("train", "t10k"):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images, 0x08)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), 0x08)
+    monkeypatch.setenv("PRUNEATTN_FASHION_MNIST", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("accuracy_script", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pruneattn.use_backend("cpu"):
+        yield mod
+    torch.set_num_threads(n)
+
+
+def test_every_part_runs_and_the_report_merges_shards(accuracy, tmp_path):
+    res = tmp_path / "results"
+    ft = ["--ft-epochs", "0.25", "--batch-size", "16", "--ft-warmup", "1", "--test-limit", "32"]
+    runs = {
+        "a": ["--part", "a", "--test-limit", "32", "--random-seeds", "2"],
+        "b_s0": ["--part", "b", *ft, "--seed-list", "0", "--stat-list", "none,var"],
+        "b_s1": ["--part", "b", *ft, "--seed-list", "1", "--stat-list", "var"],
+        "c": ["--part", "c", *ft, "--seed-list", "0", "--stat-list", "var", "--c-runs", "overlap"],
+        "t": ["--part", "t", "--t-batch", "16", "--t-rounds", "1", "--t-iters", "1"],
+        "f": ["--part", "f", "--test-limit", "32"],
+    }
+    for name, argv in runs.items():
+        assert accuracy.main([*argv, "--out", str(res / f"accuracy_{name}.json")]) == 0
+    b0 = json.loads((res / "accuracy_b_s0.json").read_text())["rows"]
+    b1 = json.loads((res / "accuracy_b_s1.json").read_text())["rows"]
+    assert [(r["stat"], r["seed"]) for r in b0] == [("none", 0), ("var", 0)]
+    assert [(r["stat"], r["seed"]) for r in b1] == [("var", 1)]
+    assert all(r["ft_steps"] == 1 and r["n"] == 32 for r in b0 + b1)  # 0.25 of 64 images at batch 16
+    c = json.loads((res / "accuracy_c.json").read_text())["rows"]
+    assert [(r["stat"], r["ft_epochs"], r["overlap"]) for r in c] == [("var", 0, [6, 2]), ("var", 0.25, [6, 2])]
+    assert c[0]["tokens_per_block"][0] == 82  # 9 x 9 overlapping patches + class token
+
+    assert accuracy.main(["--report", "--results", str(res)]) == 0
+    md = (res / "accuracy.md").read_text()
+    for title in ("## (a) Trained model", "## (b) After a short fine-tuning", "## (c) Overlapping patch",
+                  "## Throughput", "## Which patches are kept"):
+        assert title in md
+    # the two shards of part b merged: var has both seeds, with mean ± std of their accuracies
+    var = [100 * r["top1"] for r in b0 + b1 if r["stat"] == "var"]
+    import statistics
+
+    cell = f"{statistics.mean(var):.2f} ± {statistics.stdev(var):.2f} (n=2)"
+    assert any(line.startswith("| - | var | 0.5 | 0.25 |") and cell in line for line in md.splitlines()), md
+    assert "seeds [0, 1]" in md
+    assert (res / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_shard_choices_are_refused(accuracy, tmp_path):
+    with pytest.raises(SystemExit, match="entropy.*not among"):
+        accuracy.main(["--part", "b", "--stat-list", "var,entropy", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="mean.*not among"):  # part c compares var and mad only
+        accuracy.main(["--part", "c", "--stat-list", "mean", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="wide.*not among"):
+        accuracy.main(["--part", "c", "--c-runs", "overlap,wide", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()

@@ -409,6 +409,7 @@ def plot(parts, res: Path) -> None:
         return
     rows = parts["a"]["rows"]
     base = next(r for r in rows if r["stat"] == "none")
+    ft_epochs = max((r.get("ft_epochs") or 0 for r in parts["b"]["rows"]), default=0) if "b" in parts else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = {"var": "C0", "mad": "C1", "mean": "C2", "random": "C7"}
     for ax, mode in zip(axes, ("drop", "fuse")):
@@ -438,9 +439,9 @@ def plot(parts, res: Path) -> None:
                             label="fine-tuned, unpruned control")
         ax.axhline(100 * base["top1"], color="k", linestyle=":", linewidth=1, label="unpruned")
         ax.set_xlabel("keep rate at blocks 3 / 6 / 9")
-        ax.set_title(f"mode = {mode}" + ("\n(stars: after fine-tuning with pruning on, keep 0.5, mean ± std of "
-                                              "3 seeds; shifted left for legibility)" if mode == "drop" and "b" in parts
-                                              else "\n"), fontsize=9)
+        ax.set_title(f"mode = {mode}" + (f"\n(stars: after {ft_epochs:g} epoch(s) of fine-tuning with pruning on, "
+                                              "keep 0.5, mean ± std over seeds; shifted left for legibility)"
+                                              if mode == "drop" and "b" in parts else "\n"), fontsize=9)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test top-1 (%)")

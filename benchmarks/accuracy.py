@@ -356,7 +356,10 @@ def report(args) -> None:
         lines += [f"## {title}", "", f"Fine-tuning: {parts[p]['meta'].get('ft')}; seeds {seeds}.", "",
                   "| overlap (stride, pad) | stat | keep | fine-tuned epochs | tokens per block | top-1 % | images/s |",
                   "|---|---|---|---|---|---|---|"]
-        for key, g in _group(rows, ["overlap", "stat", "keep", "ft_epochs"]).items():
+        order = ("none",) + STATS + ("random",)
+        groups = sorted(_group(rows, ["overlap", "stat", "keep", "ft_epochs"]).items(),  # shards come in any order
+                        key=lambda kv: (kv[0][3] or 0, kv[0][0] is None, -kv[0][2], order.index(kv[0][1])))
+        for key, g in groups:
             ov, stat, keep, ft = key
             lines.append(f"| {tuple(ov) if ov else '-'} | {stat} | {keep} | {ft} | "
                          f"{' '.join(map(str, g[0]['tokens_per_block']))} | {_fmt_acc([r['top1'] for r in g])} | "
@@ -410,7 +413,7 @@ def plot(parts, res: Path) -> None:
     rows = parts["a"]["rows"]
     base = next(r for r in rows if r["stat"] == "none")
     ft_epochs = max((r.get("ft_epochs") or 0 for r in parts["b"]["rows"]), default=0) if "b" in parts else 0
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     colors = {"var": "C0", "mad": "C1", "mean": "C2", "random": "C7"}
     for ax, mode in zip(axes, ("drop", "fuse")):
         for stat in STATS + ("random",):
@@ -439,8 +442,8 @@ def plot(parts, res: Path) -> None:
                             label="fine-tuned, unpruned control")
         ax.axhline(100 * base["top1"], color="k", linestyle=":", linewidth=1, label="unpruned")
         ax.set_xlabel("keep rate at blocks 3 / 6 / 9")
-        ax.set_title(f"mode = {mode}" + (f"\n(stars: after {ft_epochs:g} epoch(s) of fine-tuning with pruning on, "
-                                              "keep 0.5, mean ± std over seeds; shifted left for legibility)"
+        ax.set_title(f"mode = {mode}" + (f"\nstars: keep 0.5 after {ft_epochs:g} epoch(s) of fine-tuning with pruning on,\n"
+                                              "mean ± std over seeds (shifted left for legibility)"
                                               if mode == "drop" and "b" in parts else "\n"), fontsize=9)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import struct
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +63,11 @@ def random_qkv(
 def tol(dtype: torch.dtype) -> float:
     """Bound on the relative error norm: fp32 far under 1e-3, fp16/bf16 under 1e-2."""
     return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def write_idx(path, array: np.ndarray, code: int, compress: bool = True) -> None:
+    """Write ``array`` as an idx file (big-endian, type ``code``), gzip-compressed unless ``compress=False``."""
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(payload)

@@ -6,10 +6,8 @@ Debian package; the pruning blocks use the fast CPU path (the kernels have their
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +15,10 @@ import pytest
 import torch
 
 import pruneattn
+from helpers import write_idx
 from pruneattn import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write_idx(path: Path, array: np.ndarray, code: int) -> None:
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
 
 
 @pytest.fixture
@@ -33,8 +26,8 @@ def accuracy(tmp_path, monkeypatch):
     """The script as a module, reading a data folder made of the shipped sample (as train and as test)."""
     images, labels = datasets.load_sample()
     for split in ("train", "t10k"):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images, 0x08)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), 0x08)
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images, 0x08)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), 0x08)
     monkeypatch.setenv("PRUNEATTN_FASHION_MNIST", str(tmp_path))
     spec = importlib.util.spec_from_file_location("accuracy_script", ROOT / "benchmarks" / "accuracy.py")
     mod = importlib.util.module_from_spec(spec)

@@ -3,7 +3,6 @@
 Uses the Debian package's files when present (``apt-get install -y dataset-fashion-mnist``), else the
 sample of test images shipped in ``pruneattn/data/``.
 """
-import gzip
 import struct
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import pruneattn
+from helpers import write_idx
 from pruneattn import datasets
 from pruneattn.train import DEFAULT_CONFIG, DEFAULT_WEIGHTS, build_model, evaluate, load_model, save_checkpoint, train
 
@@ -32,13 +32,6 @@ def slice_of_data():
         images, labels = datasets.load_fashion_mnist("test")
         return images[:256], labels[:256]
     return datasets.load_sample()
-
-
-def write_idx(path, array: np.ndarray, code: int, compress: bool) -> None:
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    with (gzip.open if compress else open)(path, "wb") as f:
-        f.write(payload)
 
 
 # ----------------------------------------------------------------------------- idx reader

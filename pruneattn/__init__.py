@@ -8,7 +8,7 @@ from pruneattn import reference
 from pruneattn.dispatch import backend_for, use_backend
 from pruneattn.ops import AttentionStats, attention_scores, attention_stats, select_tokens, split_qkv
 from pruneattn.overlap import overlap_patches
-from pruneattn.patch import kept_indices, patch, unpatch
+from pruneattn.patch import default_layers, kept_indices, patch, unpatch
 from pruneattn.validate import num_kept
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "attention_scores",
     "attention_stats",
     "backend_for",
+    "default_layers",
     "kept_indices",
     "num_kept",
     "overlap_patches",

@@ -369,3 +369,8 @@ def test_wrapped_model_error_hints_at_order():
     compiled = torch.compile(tiny())
     with pytest.raises(TypeError, match="OptimizedModule.*before wrapping"):
         pruneattn.patch(compiled)
+
+
+@pytest.mark.parametrize(("depth", "expected"), [(1, (0,)), (4, (1, 2, 3)), (12, (3, 6, 9)), (24, (6, 12, 18)), (27, (7, 14, 20))])
+def test_default_layers_follow_depth(depth, expected):
+    assert pruneattn.default_layers(depth) == expected

@@ -16,11 +16,13 @@ from torch import nn
 from pruneattn.patch.prune import PruneConfig, compose_indices, make_configs
 from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate
 
-__all__ = ["kept_indices", "patch", "unpatch"]
+__all__ = ["default_layers", "kept_indices", "patch", "unpatch"]
 
-SUPPORTED = (
-    "timm VisionTransformer family (vit_*, deit_* incl. distilled, register tokens, avg pooling); "
-    "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher)"
+SUPPORTED = "; ".join(
+    (
+        "timm VisionTransformer family (vit_*, deit_* incl. distilled, register tokens, avg pooling)",
+        "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher)",
+    )
 )
 
 
@@ -60,6 +62,13 @@ def _layers(layers: object, depth: int) -> list[int]:
     return out
 
 
+def default_layers(depth: int) -> tuple[int, ...]:
+    """The default pruning blocks of a ``depth``-block model: EViT's positions, 1/4, 1/2 and 3/4 of
+    the depth (0-based, rounded half up): (3, 6, 9) for 12 blocks, (6, 12, 18) for 24, (7, 14, 20)
+    for 27. Shallower models get fewer distinct blocks (one block: block 0)."""
+    return tuple(sorted({min(depth - 1, int(depth * f + 0.5)) for f in (0.25, 0.5, 0.75)}))
+
+
 def _keep_rates(keep_rate: object, n: int) -> list[float]:
     rates = list(keep_rate) if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str) else [keep_rate] * n
     if len(rates) != n:
@@ -76,7 +85,7 @@ def _patched(model: nn.Module) -> list[nn.Module]:
 def patch(
     model: nn.Module,
     keep_rate: float | Sequence[float] = 0.7,
-    layers: int | Sequence[int] = (3, 6, 9),
+    layers: int | Sequence[int] | None = None,
     stat: str = "var",
     query: str = "cls",
     mode: str = "drop",
@@ -88,7 +97,8 @@ def patch(
             ViT / DeiT model (see ``SUPPORTED``); anything else raises TypeError naming its class.
         keep_rate: fraction of the patches each pruning block keeps (k = ceil(rate * P)), one number
             or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).
-        layers: 0-based indices of the pruning blocks.
+        layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
+            model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth).
         stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see SPEC.md).
             ``query="cls"`` needs a class token; use ``"mean"`` for models without one.
         mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
@@ -100,7 +110,7 @@ def patch(
     check_choice("query", query, QUERIES)
     check_choice("mode", mode, MODES)
     blocks = adapter.blocks(model)
-    layers = _layers(layers, len(blocks))
+    layers = _layers(default_layers(len(blocks)) if layers is None else layers, len(blocks))
     rates = _keep_rates(keep_rate, len(layers))
     if query == "cls" and not adapter.has_class_token(model):
         raise ValueError(

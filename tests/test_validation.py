@@ -52,8 +52,8 @@ def test_attention_bad_tensors(ops):
 
 def test_kernel_limits_are_clear_errors():
     with pruneattn.use_backend("triton"):
-        q, k, v = QKV(1, 2, 7, 48)
-        with pytest.raises(ValueError, match="head dims"):
+        q, k, v = QKV(1, 2, 7, 8)
+        with pytest.raises(ValueError, match="head dims 16 to 256, got d = 8"):
             pruneattn.attention_scores(q, k, v)
         q, k, v = QKV(1, 2, 7, 32, dtype=torch.float64)
         with pytest.raises(TypeError, match="float16, bfloat16 or float32"):

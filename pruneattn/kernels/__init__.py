@@ -7,15 +7,19 @@ from __future__ import annotations
 import torch
 
 from pruneattn._env import interpreting
-from pruneattn.kernels._config import HEAD_DIMS, KERNEL_DTYPES
+from pruneattn.kernels._config import KERNEL_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
 
 
 def check_supported(q: torch.Tensor) -> None:
     """Raise if the attention kernels cannot take ``q`` (dtype, head dim, device)."""
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"the Triton kernels support head dims {HEAD_DIMS}, got d = {q.shape[-1]}")
+    d = q.shape[-1]
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"the Triton kernels support head dims {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got d = {d} "
+            "(the CPU path takes any head dim)"
+        )
     check_device(q)
 
 

@@ -1,5 +1,8 @@
 """Fused forward attention that also emits what the patch scores need, in one pass over Q, K, V.
 
+Every head dim from 16 to 256: ``HEAD_DIM`` is the real d, ``BLOCK_D`` its power-of-two register width
+(at least 16, as ``tl.dot`` needs); the padding lanes are masked on every load and store.
+
 One program per (query block, batch * head), FlashAttention-2 style online softmax in the log2
 domain. Besides the output it writes, per (batch, head, row), the row's log2-sum-exp, and the
 programs holding query row 0 (the class token) write that row's log2-domain logits for every key.
@@ -13,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pruneattn.kernels._config import configs
+from pruneattn.kernels._config import block_d, configs
 
 LOG2E = math.log2(math.e)
 
@@ -37,6 +40,7 @@ def _attention_fwd_kernel(
     H, N, qk_scale,
     DTYPE_KEY: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     STORE_CLS: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -47,21 +51,25 @@ def _attention_fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # the head dim padded to BLOCK_D in registers only: zeros add nothing
     row_ok = offs_m < N
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=col_ok[None, :], other=0.0)
+        k = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=col_ok[None, :] & d_ok[:, None], other=0.0,
+        )
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -75,7 +83,10 @@ def _attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+        )
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -84,7 +95,7 @@ def _attention_fwd_kernel(
 
     acc = acc / l_i[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + pid_bh * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -106,6 +117,6 @@ def attention_fwd(
         q, k, v, out, lse, cls_logits if store_cls else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N, scale * LOG2E,
-        DTYPE_KEY=str(q.dtype), HEAD_DIM=D, STORE_CLS=store_cls, IEEE=q.dtype == torch.float32,
+        DTYPE_KEY=str(q.dtype), HEAD_DIM=D, BLOCK_D=block_d(D), STORE_CLS=store_cls, IEEE=q.dtype == torch.float32,
     )
     return out, lse, cls_logits

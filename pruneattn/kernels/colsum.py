@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pruneattn.kernels._config import configs
+from pruneattn.kernels._config import block_d, configs
 from pruneattn.kernels.attention import LOG2E
 
 _CONFIGS = [
@@ -30,6 +30,7 @@ def _column_mean_kernel(
     H, N, qk_scale, inv_n,
     DTYPE_KEY: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -39,18 +40,22 @@ def _column_mean_kernel(
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # padded in registers only
     col_ok = offs_n < N
     k = tl.load(
         K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-        mask=col_ok[None, :], other=0.0,
+        mask=col_ok[None, :] & d_ok[:, None], other=0.0,
     )
     q_base = Q + b * stride_qb + h * stride_qh
     colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        )
         # Rows past N get lse = +inf, hence p = 0.
         lse = tl.load(Lse + pid_bh * N + offs_m, mask=row_ok, other=float("inf"))
         if IEEE:
@@ -69,6 +74,6 @@ def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: floa
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
     _column_mean_kernel[grid](
         q, k, lse, received, *q.stride(), *k.stride(), H, N, scale * LOG2E, 1.0 / N,
-        DTYPE_KEY=str(q.dtype), HEAD_DIM=D, IEEE=q.dtype == torch.float32,
+        DTYPE_KEY=str(q.dtype), HEAD_DIM=D, BLOCK_D=block_d(D), IEEE=q.dtype == torch.float32,
     )
     return received

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pruneattn.kernels._config import block_d
 from pruneattn.kernels.attention import LOG2E
 
 
@@ -31,13 +32,15 @@ def _class_row_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     H, N, qk_scale,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    offs_d = tl.arange(0, HEAD_DIM)
-    q0 = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd).to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # padded in registers only
+    q0 = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     row = Rows + pid * N
     m_vec = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -46,7 +49,8 @@ def _class_row_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(tl.float32)
         s = tl.sum(k * q0[None, :], axis=1) * qk_scale
         s = tl.where(col_ok, s, float("-inf"))
@@ -67,12 +71,13 @@ def class_rows(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """
     B, H, N, D = q.shape
     rows = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    block_n = 64 if D <= 64 else 32
+    width = block_d(D)
+    block_n = max(8, min(64, 4096 // width))  # a (BLOCK_N, BLOCK_D) float32 tile of at most 4096 values
     _class_row_kernel[(B * H,)](
         q, k, rows,
         q.stride(0), q.stride(1), q.stride(3),
         *k.stride(),
         H, N, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_N=block_n,
+        HEAD_DIM=D, BLOCK_D=width, BLOCK_N=block_n,
     )
     return rows

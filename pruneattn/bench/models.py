@@ -1,4 +1,8 @@
-"""Model-level benchmarks: timm ViTs unpatched vs patched by pruneattn vs an EViT-style eager patch.
+"""Model-level benchmarks: ViTs unpatched vs patched by pruneattn vs an EViT-style eager patch.
+
+Models: timm names (``VisionTransformer`` and the ``Eva`` family, e.g. ``vit_small_patch16_rope_224``)
+and the Hugging Face encoders named in :data:`HF_MODELS` (``hf:clip_vit_b16``: a CLIP ViT-B/16 vision
+encoder built from its config), all with random weights (no network).
 
 - ``unpatched``: the timm model as is (its fused SDPA attention everywhere).
 - ``pruneattn ...``: ``pruneattn.patch(model, keep_rate, layers, stat, mode=...)``; the pruning blocks
@@ -49,13 +53,36 @@ def evit_style(stat: str = "var", keep_rate: float = 0.7, mode: str = "drop", la
     return Config(f"EViT-style eager {stat} {keep_rate} {mode}", True, True, stat, keep_rate, mode, tuple(layers))
 
 
-def build(name: str, config: Config, device="cpu", dtype=torch.float32, img_size: int | None = None, **kw) -> torch.nn.Module:
-    """A timm model (``pretrained=False``: no network) in eval mode, patched as ``config`` says."""
-    import timm
+# Hugging Face vision encoders by benchmark name: (model class, config class, config kwargs).
+HF_MODELS = {
+    "hf:clip_vit_b16": ("CLIPVisionModel", "CLIPVisionConfig", {
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "patch_size": 16, "image_size": 224,
+    }),
+}
 
-    if img_size is not None:
-        kw["img_size"] = img_size
-    model = timm.create_model(name, pretrained=False, **kw).eval().to(device=device, dtype=dtype)
+
+def _hf_model(name: str, img_size: int | None) -> torch.nn.Module:
+    import transformers
+
+    model_cls, config_cls, kwargs = HF_MODELS[name]
+    config = getattr(transformers, config_cls)(**{**kwargs, **({"image_size": img_size} if img_size else {})})
+    config._attn_implementation = "sdpa"  # the fast unpatched baseline
+    return getattr(transformers, model_cls)(config)
+
+
+def build(name: str, config: Config, device="cpu", dtype=torch.float32, img_size: int | None = None, **kw) -> torch.nn.Module:
+    """A timm model or a Hugging Face encoder of :data:`HF_MODELS` (random weights: no network), in
+    eval mode, patched as ``config`` says."""
+    if name in HF_MODELS:
+        model = _hf_model(name, img_size)
+    else:
+        import timm
+
+        if img_size is not None:
+            kw["img_size"] = img_size
+        model = timm.create_model(name, pretrained=False, **kw)
+    model = model.eval().to(device=device, dtype=dtype)
     if config.patched:
         pruneattn.patch(model, keep_rate=config.keep_rate, layers=config.layers, stat=config.stat, mode=config.mode)
     return model
@@ -66,19 +93,76 @@ def forward_context(config: Config):
     return pruneattn.use_backend("reference") if config.eager else contextlib.nullcontext()
 
 
+def _mlp_shape(mlp: torch.nn.Module) -> tuple[int, int]:
+    """(hidden width, number of dim x hidden matrices): 2 for fc1/fc2, 3 for SwiGLU's gate too."""
+    if hasattr(mlp, "fc1_g"):
+        return mlp.fc1_g.out_features, 3
+    if hasattr(mlp, "fc1") and isinstance(mlp.fc1, torch.nn.Linear):
+        gated = mlp.fc1.out_features == 2 * mlp.fc2.in_features  # packed SwiGLU (fc1 -> gate, value)
+        return mlp.fc2.in_features, 3 if gated else 2
+    raise TypeError(f"unknown MLP {type(mlp).__name__}")
+
+
+def _hf_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module holding ``embeddings`` and ``encoder.layers`` of a Hugging Face vision encoder."""
+    for m in (model, getattr(model, "vision_model", None)):
+        if m is not None and hasattr(m, "embeddings") and hasattr(getattr(m, "encoder", None), "layers"):
+            return m
+    return None
+
+
 def model_shape(model: torch.nn.Module) -> dict:
-    """What the FLOP count needs from a timm VisionTransformer."""
+    """What the FLOP count needs: depth, width, MLP, patches, prefix tokens, patch size, classes."""
+    enc = _hf_encoder(model)
+    if enc is not None:  # Hugging Face CLIP-style vision encoder
+        cfg = model.config
+        emb = enc.embeddings.patch_embedding
+        hidden, mats = _mlp_shape(enc.encoder.layers[0].mlp)
+        return {
+            "depth": cfg.num_hidden_layers, "dim": cfg.hidden_size, "mlp_hidden": hidden, "mlp_mats": mats,
+            "num_patches": (cfg.image_size // cfg.patch_size) ** 2, "num_prefix": 1,
+            "patch_in": emb.in_channels * emb.kernel_size[0] * emb.kernel_size[1], "num_classes": 0,
+        }
     pe = model.patch_embed
     grid = pe.grid_size
+    hidden, mats = _mlp_shape(model.blocks[0].mlp)
     return {
         "depth": len(model.blocks),
         "dim": model.embed_dim,
-        "mlp_hidden": model.blocks[0].mlp.fc1.out_features,
+        "mlp_hidden": hidden,
+        "mlp_mats": mats,
         "num_patches": grid[0] * grid[1],
         "num_prefix": model.num_prefix_tokens,
         "patch_in": pe.proj.in_channels * pe.proj.kernel_size[0] * pe.proj.kernel_size[1],
         "num_classes": model.num_classes,
     }
+
+
+def block_halves(model: torch.nn.Module) -> tuple[object, object]:
+    """``(attention half, MLP half)`` of the model's first (unpatched) block as functions of x (B, n, C):
+    ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``, rotary embeddings applied where the model has them."""
+    enc = _hf_encoder(model)
+    if enc is not None:
+        layer = enc.encoder.layers[0]
+        return (lambda x: x + layer.self_attn(layer.layer_norm1(x))[0],
+                lambda x: x + layer.mlp(layer.layer_norm2(x)))
+    blk = model.blocks[0]
+    if hasattr(blk, "gamma_1"):  # timm EvaBlock: layer scale as parameters (None without)
+        ls1 = (lambda t: t) if blk.gamma_1 is None else (lambda t: blk.gamma_1 * t)
+        ls2 = (lambda t: t) if blk.gamma_2 is None else (lambda t: blk.gamma_2 * t)
+    else:
+        ls1, ls2 = blk.ls1, blk.ls2
+    rope = getattr(model, "rope", None)
+    if rope is not None:
+        table = rope.get_embed()
+        npt = model.num_prefix_tokens
+
+        def attn(x):
+            return x + ls1(blk.attn(blk.norm1(x), rope=table[: x.shape[1] - npt]))
+    else:
+        def attn(x):
+            return x + ls1(blk.attn(blk.norm1(x)))
+    return attn, lambda x: x + ls2(blk.mlp(blk.norm2(x)))
 
 
 def token_schedule(shape: dict, config: Config) -> list[tuple[int, int]]:
@@ -97,15 +181,18 @@ def token_schedule(shape: dict, config: Config) -> list[tuple[int, int]]:
     return out
 
 
-def block_flops(n_attn: int, n_mlp: int, dim: int, hidden: int) -> int:
-    """Matmul FLOPs of one block per image: qkv, Q K^T, P V, proj on n_attn tokens; fc1, fc2 on n_mlp."""
-    return 2 * n_attn * dim * 3 * dim + 4 * n_attn * n_attn * dim + 2 * n_attn * dim * dim + 4 * n_mlp * dim * hidden
+def block_flops(n_attn: int, n_mlp: int, dim: int, hidden: int, mlp_mats: int = 2) -> int:
+    """Matmul FLOPs of one block per image: qkv, Q K^T, P V, proj on n_attn tokens; the MLP's
+    ``mlp_mats`` dim x hidden matrices (fc1, fc2; SwiGLU's gate too) on n_mlp."""
+    return (2 * n_attn * dim * 3 * dim + 4 * n_attn * n_attn * dim + 2 * n_attn * dim * dim
+            + 2 * mlp_mats * n_mlp * dim * hidden)
 
 
 def model_flops(shape: dict, config: Config) -> int:
     embed = 2 * shape["num_patches"] * shape["patch_in"] * shape["dim"]
     head = 2 * shape["dim"] * shape["num_classes"]
-    blocks = sum(block_flops(a, m, shape["dim"], shape["mlp_hidden"]) for a, m in token_schedule(shape, config))
+    blocks = sum(block_flops(a, m, shape["dim"], shape["mlp_hidden"], shape.get("mlp_mats", 2))
+                 for a, m in token_schedule(shape, config))
     return embed + blocks + head
 
 

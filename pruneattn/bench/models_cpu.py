@@ -81,15 +81,15 @@ def _child(args: dict) -> dict:
 def block_times(model: torch.nn.Module, shape: dict, config: M.Config, batch: int, reps: int) -> dict:
     """Times of one unpatched block's halves (attention half, MLP half) at every token count of the
     pruned schedule: what a pruned model's blocks would cost with no pruning overhead at all."""
-    blk = model.blocks[0]
+    attn_half, mlp_half = M.block_halves(model)
     sched = M.token_schedule(shape, config)
     counts = sorted({n for pair in sched for n in pair} | {sched[0][0]})
     g = torch.Generator().manual_seed(0)
     xs = {n: torch.randn(batch, n, shape["dim"], generator=g) for n in counts}
     fns = {}
     for n in counts:
-        fns[("attn", n)] = lambda n=n: xs[n] + blk.attn(blk.norm1(xs[n]))
-        fns[("mlp", n)] = lambda n=n: xs[n] + blk.mlp(blk.norm2(xs[n]))
+        fns[("attn", n)] = lambda n=n: attn_half(xs[n])
+        fns[("mlp", n)] = lambda n=n: mlp_half(xs[n])
     with torch.no_grad():
         t = time_cpu(fns, reps=reps, warmup=1, settle=True)
     return {key: v["median_s"] for key, v in t.items()}

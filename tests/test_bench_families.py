@@ -1,0 +1,48 @@
+"""The model benchmarks' FLOP count and block halves for the modern families (RoPE ViT, CLIP encoder)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pruneattn.bench import models as M
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _eager(model: torch.nn.Module) -> torch.nn.Module:
+    """Attention as plain matmuls, so that FlopCounterMode sees Q K^T and P V."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    if hasattr(model, "config"):
+        model.config._attn_implementation = "eager"
+    return model
+
+
+@pytest.mark.parametrize(("name", "img_size"), [("vit_small_patch16_rope_224", 64), ("hf:clip_vit_b16", 64)])
+def test_flop_count_matches_torch_flop_counter(name, img_size):
+    model = _eager(M.build(name, M.UNPATCHED, img_size=img_size))
+    shape = M.model_shape(model)
+    assert shape["num_patches"] == (img_size // 16) ** 2 and shape["num_prefix"] == 1
+    x = M.images(2, img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    assert fc.get_total_flops() == 2 * M.model_flops(shape, M.UNPATCHED)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "vit_small_patch16_rope_224", "hf:clip_vit_b16"])
+def test_block_halves_are_the_first_block(name):
+    """The halves the block-time bound times compose to the model's own first block."""
+    model = M.build(name, M.UNPATCHED, img_size=64)
+    attn_half, mlp_half = M.block_halves(model)
+    x = torch.randn(2, 17, M.model_shape(model)["dim"])
+    with torch.no_grad():
+        if name.startswith("hf:"):
+            want = model.encoder.layers[0](x, None)
+            want = want[0] if isinstance(want, tuple) else want
+        elif getattr(model, "rope", None) is not None:
+            want = model.blocks[0](x, rope=model.rope.get_embed())
+        else:
+            want = model.blocks[0](x)
+        assert torch.allclose(mlp_half(attn_half(x)), want, rtol=1e-5, atol=1e-5)

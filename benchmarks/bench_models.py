@@ -63,8 +63,7 @@ def test_train_step(benchmark, case, config):
     model = M.build(name, config, device=DEVICE, img_size=size).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = M.images(b, size, device=DEVICE)
-    target = torch.randint(0, model.num_classes, (b,)).to(DEVICE)
-    step = G._train_step(model, x, target, opt, config, DEVICE)
+    step = G._train_step(model, x, opt, config, DEVICE)
     benchmark.group = f"train step {name} {size} batch {b}"
 
     def run():

@@ -206,6 +206,17 @@ def images(batch: int, img_size: int, device="cpu", dtype=torch.float32, seed: i
     return torch.randn(batch, 3, img_size, img_size, generator=g).to(device=device, dtype=dtype)
 
 
+def training_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A loss for timing a training step: cross-entropy against fixed random labels for a classifier,
+    the mean square of the pooled output for an encoder (Hugging Face models return no logits)."""
+    out = model(x)
+    if isinstance(out, torch.Tensor):
+        target = torch.randint(0, out.shape[-1], (out.shape[0],), generator=torch.Generator().manual_seed(0))
+        return torch.nn.functional.cross_entropy(out.float(), target.to(out.device))
+    pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
+    return pooled.float().square().mean()
+
+
 def check_tokens(model: torch.nn.Module, config: Config, shape: dict, x: torch.Tensor) -> None:
     """Check the patched model really runs the token schedule the FLOP count assumes."""
     if not config.patched:

@@ -1,5 +1,5 @@
-"""Model-level GPU suite: timm DeiT-T/S/B at 224 and ViT-B/16 at 384, at batch 1 and at a batch that
-fills the GPU: unpatched vs pruneattn (var, mad; keep 0.7 and 0.5; drop and fuse) vs the EViT-style
+"""Model-level GPU suite: timm DeiT-T/S/B at 224, ViT-B/16 at 384, the RoPE ViT-S/16 (timm ``Eva``) at 224
+and a CLIP ViT-B/16 vision encoder (Hugging Face) at 224, at batch 1 and at a batch that fills the GPU: unpatched vs pruneattn (var, mad; keep 0.7 and 0.5; drop and fuse) vs the EViT-style
 eager patch. Images/s, latency, peak memory, one training step (forward, loss, backward, SGD step,
 bf16 autocast). Timed with ``triton.testing.do_bench``; every baseline in the same run.
 
@@ -19,6 +19,8 @@ CASES = (
     ("deit_small_patch16_224", 224, 256),
     ("deit_base_patch16_224", 224, 256),
     ("vit_base_patch16_384", 384, 64),
+    ("vit_small_patch16_rope_224", 224, 256),
+    ("hf:clip_vit_b16", 224, 128),
 )
 SMOKE_CASES = (("deit_tiny_patch16_224", 64, 2),)
 CONFIGS = (
@@ -29,11 +31,11 @@ CONFIGS = (
 SMOKE_CONFIGS = (M.UNPATCHED, M.pruned("var", 0.7), M.pruned("mad", 0.5, "fuse"), M.evit_style("var", 0.7))
 
 
-def _train_step(model, x, target, opt, config, device):
+def _train_step(model, x, opt, config, device):
     def step():
         autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         with autocast, M.forward_context(config):
-            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss = M.training_loss(model, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,8 +93,7 @@ def _train_rows(name, size, batch, configs, device, env, smoke):
                 m.attn_drop.p = 0.0
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         x = M.images(batch, size, device=device)
-        target = torch.randint(0, model.num_classes, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
-        steps[c.name] = _train_step(model, x, target, opt, c, device)
+        steps[c.name] = _train_step(model, x, opt, c, device)
     t = time_fns(steps, device, quick=smoke)
     base = t[M.UNPATCHED.name]["median_s"]
     return [{

@@ -1,4 +1,4 @@
-"""Plain eager PyTorch reference: the executable form of the spec (``SPEC.md``).
+"""Plain eager PyTorch reference: the executable form of ``docs/semantics.md``.
 
 Everything here materializes the full ``(B, H, N, N)`` attention matrix on purpose: it is the
 definition the fast paths are tested against, written to be read, not to be fast. Computations

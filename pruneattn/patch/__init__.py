@@ -99,7 +99,7 @@ def patch(
             or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).
         layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
             model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth).
-        stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see SPEC.md).
+        stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see docs/semantics.md).
             ``query="cls"`` needs a class token; use ``"mean"`` for models without one.
         mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
 

@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pruneattn", "pruneattn.*"]),
-    package_data={"pruneattn": ["data/*"]},
+    package_data={"pruneattn.fashion_mnist": ["data/*"]},
     python_requires=">=3.10",
     install_requires=[
         # torch.library.custom_op / register_autograd / register_fake: 2.4; SDPA's `scale=`: 2.1.

@@ -1,6 +1,6 @@
 """Accuracy of attention-diversity pruning on Fashion-MNIST (the paper's experiment at small scale).
 
-The shipped model (``pruneattn/data/vit_fmnist_canvas56.pt``, see ``python -m pruneattn.train``) is
+The shipped model (``pruneattn/fashion_mnist/data/vit_fmnist_canvas56.pt``, see ``python -m pruneattn.fashion_mnist.train``) is
 evaluated on the full test set (10,000 images, 56 x 56 canvas view, seed 0) with pruning after the
 attention of blocks 3 / 6 / 9:
 
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 import pruneattn
-from pruneattn import datasets
-from pruneattn.train import DEFAULT_WEIGHTS, evaluate, load_model, train
+from pruneattn.fashion_mnist import datasets
+from pruneattn.fashion_mnist.train import DEFAULT_WEIGHTS, evaluate, load_model, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS = (3, 6, 9)

@@ -16,7 +16,7 @@ import torch
 
 import pruneattn
 from helpers import write_idx
-from pruneattn import datasets
+from pruneattn.fashion_mnist import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 

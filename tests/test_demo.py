@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import pruneattn
-from pruneattn import cli, datasets, demo
+from pruneattn import cli
+from pruneattn.fashion_mnist import datasets, demo
 
 
 @pytest.fixture
@@ -33,6 +34,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys, fast_backend):
     assert accs["unpruned"] > 60, text  # the shipped model on the shipped sample, chance is 10%
     assert min(accs["var keep 0.7"], accs["mad keep 0.7"]) > accs["unpruned"] - 20, text
     assert "46/33/24" in text  # tokens after blocks 3/6/9 at keep 0.7 of 64 patches (+ class token)
+    assert "(class token + patches)" in text and f"wrote {out.resolve()}" in text
+    assert "--log" not in text and "pruneattn.fashion_mnist.train" in text
     assert out.is_file() and out.stat().st_size > 20_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +60,7 @@ def test_demo_via_cli_and_picture_content(tmp_path, monkeypatch, capsys, fast_ba
 def test_kept_masks_match_kept_indices(fast_backend):
     import torch
 
-    from pruneattn.train import load_model
+    from pruneattn.fashion_mnist.train import load_model
 
     model, ckpt = load_model()
     imgs, _ = datasets.load_sample()
@@ -71,3 +74,27 @@ def test_kept_masks_match_kept_indices(fast_backend):
         assert torch.equal(torch.nonzero(torch.from_numpy(masks[b][1].reshape(-1)))[:, 0], idx[b][1].cpu())
     # each later block keeps a subset of the earlier one
     assert not (masks[6] & ~masks[3]).any() and not (masks[9] & ~masks[6]).any()
+
+
+def test_demo_writes_outside_the_working_directory_by_default(capsys):
+    import tempfile
+    from pathlib import Path
+
+    assert demo.DEFAULT_OUT.parent == Path(tempfile.gettempdir()) / "pruneattn_demo"
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    assert str(demo.DEFAULT_OUT) in " ".join(capsys.readouterr().out.split())
+
+
+def test_training_command_names_the_module_and_no_log_file():
+    meta = {"command": "python -m pruneattn.train --epochs 2 --log /tmp/runs/train.log --out x.pt --log=/y"}
+    assert demo.training_command(meta) == "python -m pruneattn.fashion_mnist.train --epochs 2 --out x.pt"
+    assert demo.training_command({}) == "?"
+
+
+def test_panel_titles_count_patches_and_show_the_prediction():
+    assert demo.panel_title("var", 3, 45, None, 0) == "var: after block 3\n45 patches kept"
+    wrong = demo.panel_title("mad", 9, 23, 2, 0)
+    assert "WRONG" in wrong and datasets.CLASSES[2] in wrong
+    right = demo.panel_title("mad", 9, 23, 0, 0)
+    assert "right" in right and datasets.CLASSES[0] in right

@@ -1,7 +1,7 @@
 """Fashion-MNIST loader (idx reader, canvas view), training steps, and the shipped model on a slice of real data.
 
 Uses the Debian package's files when present (``apt-get install -y dataset-fashion-mnist``), else the
-sample of test images shipped in ``pruneattn/data/``.
+sample of test images shipped in ``pruneattn/fashion_mnist/data/``.
 """
 import struct
 
@@ -11,8 +11,8 @@ import torch
 
 import pruneattn
 from helpers import write_idx
-from pruneattn import datasets
-from pruneattn.train import DEFAULT_CONFIG, DEFAULT_WEIGHTS, build_model, evaluate, load_model, save_checkpoint, train
+from pruneattn.fashion_mnist import datasets
+from pruneattn.fashion_mnist.train import DEFAULT_CONFIG, DEFAULT_WEIGHTS, build_model, evaluate, load_model, save_checkpoint, train
 
 HAVE_DATA = datasets.available()
 
@@ -176,7 +176,9 @@ def test_shipped_weights_are_small_and_complete():
     model, ckpt = load_model()
     assert ckpt["config"]["depth"] == 12 and len(model.blocks) == 12
     assert ckpt["config"]["embed_dim"] // ckpt["config"]["num_heads"] in (32, 64)  # what the kernels support
-    assert "pruneattn.train" in ckpt["meta"]["command"]
+    from pruneattn.fashion_mnist.demo import training_command
+
+    assert training_command(ckpt["meta"]).startswith("python -m pruneattn.fashion_mnist.train ")
 
 
 def test_shipped_model_on_a_slice_of_real_data():

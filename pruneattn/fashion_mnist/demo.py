@@ -1,7 +1,7 @@
 """``pruneattn demo``: the shipped Fashion-MNIST ViT, unpruned vs pruned by attention diversity (var, MAD).
 
-Loads the model shipped in ``pruneattn/data/`` (trained by ``python -m pruneattn.train``), evaluates it on
-the shipped sample of 64 test images and, when Debian's ``dataset-fashion-mnist`` is installed, on the full
+Loads the model shipped in ``pruneattn/fashion_mnist/data/`` (trained by
+``python -m pruneattn.fashion_mnist.train``), evaluates it on the shipped sample of 64 test images and, when Debian's ``dataset-fashion-mnist`` is installed, on the full
 test set (10,000 images), unpruned and with pruning after blocks 3 / 6 / 9 (var and MAD scores); prints
 top-1 and images/s; and writes a PNG that shows which patches survive each pruning block.
 Runs on the GPU (Triton kernels) when there is one, else on the CPU.
@@ -9,6 +9,7 @@ Runs on the GPU (Triton kernels) when there is one, else on the CPU.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 LAYERS = (3, 6, 9)
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "pruneattn_demo" / "kept_patches.png"
 
 
 def _sync(device: torch.device) -> None:
@@ -65,6 +67,16 @@ def kept_masks(model, x: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
     return out
 
 
+def panel_title(stat: str, block: int, n_kept: int, pred: int | None, label: int) -> str:
+    """Title of one panel: patches kept after ``block`` (class token not counted); with ``pred``, the prediction."""
+    from pruneattn.fashion_mnist.datasets import CLASSES
+
+    if pred is None:
+        return f"{stat}: after block {block}\n{n_kept} patches kept"
+    verdict = "right" if pred == label else "WRONG"
+    return f"{stat}, {n_kept} kept: {verdict}\npredicts {CLASSES[pred]}"
+
+
 def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path: Path, keep: float) -> None:
     """Rows: images; columns: the input, then for each score the patches kept after blocks 3 / 6 / 9."""
     import matplotlib
@@ -72,7 +84,7 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pruneattn.datasets import CLASSES
+    from pruneattn.fashion_mnist.datasets import CLASSES
 
     stats = list(masks)
     blocks = sorted(next(iter(masks.values())))
@@ -93,41 +105,59 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
                 for t in range(1, g):  # patch grid
                     ax.axhline(t * patch - 0.5, color="w", lw=0.2, alpha=0.5)
                     ax.axvline(t * patch - 0.5, color="w", lw=0.2, alpha=0.5)
-                n_kept = int(masks[stat][block][r].sum())
-                title = f"{stat}: after block {block}\n{n_kept} patches kept"
-                if b == len(blocks) - 1:
-                    ok = "ok" if preds[stat][r] == labels[r] else "WRONG"
-                    title = f"{stat}: after block {block}\n{n_kept} kept, {ok}"
-                ax.set_title(title, fontsize=6.5)
+                last = b == len(blocks) - 1
+                ax.set_title(panel_title(stat, block, int(masks[stat][block][r].sum()),
+                                         int(preds[stat][r]) if last else None, int(labels[r])), fontsize=6.5)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"Patches kept (image shown) vs dropped (pale) at keep rate {keep} per pruning block, "
-                 f"by attention diversity across heads", fontsize=9)
+                 f"by attention diversity across heads\n(patch counts exclude the class token, which is always "
+                 f"kept: tokens = patches + 1; the last column of each score gives the pruned model's prediction)",
+                 fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
+def training_command(meta: dict) -> str:
+    """The command that trained a checkpoint, as a user would run it now (module path of today, no log file)."""
+    words = str(meta.get("command", "?")).split()
+    words = ["pruneattn.fashion_mnist.train" if w == "pruneattn.train" else w for w in words]
+    out: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+        elif w == "--log":
+            skip = True
+        elif not w.startswith("--log="):
+            out.append(w)
+    return " ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pruneattn demo", description=__doc__.split("\n\n")[0])
+    from pruneattn.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="pruneattn demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--weights", default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--keep", type=float, default=0.7, help="keep rate at each pruning block (default 0.7, EViT's)")
+    p.add_argument("--keep", type=float, default=0.7, help="keep rate at each pruning block (0.7 is EViT's)")
     p.add_argument("--stats", default="var,mad", help="comma-separated scores to compare (var, mad, mean)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     p.add_argument("--full", choices=["auto", "yes", "no"], default="auto",
                    help="evaluate on the full test set: auto = when dataset-fashion-mnist is installed")
     p.add_argument("--quick", action="store_true", help="shipped sample only, short timing (for tests)")
     p.add_argument("--timing-seconds", type=float, default=None,
-                   help="seconds per timing repeat (5 repeats, best kept; default 0.5, --quick: one short repeat)")
+                   help="seconds per timing repeat (5 repeats, best kept; default: 0.5, with --quick one short repeat)")
     p.add_argument("--images", type=int, default=6, help="images in the picture")
-    p.add_argument("--out", default="pruneattn_demo.png", help="PNG to write")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="PNG of the kept patches to write")
     args = p.parse_args(argv)
 
     import pruneattn
-    from pruneattn import datasets
-    from pruneattn.train import TEST_SEED, load_model
+    from pruneattn.fashion_mnist import datasets
+    from pruneattn.fashion_mnist.train import TEST_SEED, load_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stats = [s.strip() for s in args.stats.split(",") if s.strip()]
@@ -137,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = pruneattn.backend_for(device)
     print(f"pruneattn demo: ViT ({cfg['depth']} blocks, width {cfg['embed_dim']}, {cfg['num_heads']} heads, "
           f"patch {patch} on a {cfg['img_size']}x{cfg['img_size']} canvas: {grid * grid} patches), "
-          f"trained on Fashion-MNIST ({meta.get('command', '?')}); device {device}, pruning backend {backend}"
+          f"trained on Fashion-MNIST ({training_command(meta)}); device {device}, pruning backend {backend}"
           + ("" if device.type == "cuda" else f", {torch.get_num_threads()} CPU threads"))
 
     sample_imgs, sample_labels = datasets.load_sample()
@@ -190,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     width = max(len(n) for n in results) + 2
     head = "".join(f"{f'top-1 {s} ({len(l)})':>28}" for s, _, l in sets)
-    print(f"\n{'':<{width}}{head}{f'images/s (batch {bench_batch})':>24}   tokens after blocks 3/6/9")
+    print(f"\n{'':<{width}}{head}{f'images/s (batch {bench_batch})':>24}   tokens after blocks 3/6/9 (class token + patches)")
     base = results["unpruned"]["images/s"]
     for name, row in results.items():
         accs = "".join(f"{100 * row[s]:>27.2f}%" for s, _, _ in sets)
@@ -225,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n(no picture: `pip install matplotlib` to get the PNG of the kept patches)")
         return 0
     draw(canvas, sample_labels[picks], preds, masks, patch, out, args.keep)
-    print(f"\nwrote {out}: which patches survive blocks {', '.join(map(str, LAYERS))} for {len(picks)} test images")
+    print(f"\nwrote {out.resolve()}: which patches survive blocks {', '.join(map(str, LAYERS))} for {len(picks)} test images")
     return 0
 
 

@@ -13,7 +13,7 @@ Views:
   which slice of the data set is loaded.
 
 A small sample of the test set (the first ``SAMPLE_SIZE`` images) ships inside the package as
-``pruneattn/data/fashion_mnist_sample.npz`` so that the demo and the tests run without the package.
+``pruneattn/fashion_mnist/data/fashion_mnist_sample.npz`` so that the demo and the tests run without the package.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Train the small DeiT-style ViT on Fashion-MNIST (the model that ``pruneattn demo`` ships).
 
-    python -m pruneattn.train --epochs 3 --out pruneattn/data/vit_fmnist_canvas56.pt
+    python -m pruneattn.fashion_mnist.train --epochs 3 --out pruneattn/fashion_mnist/data/vit_fmnist_canvas56.pt
 
 The model is timm's ``VisionTransformer``: 12 blocks (so EViT's pruning blocks 3 / 6 / 9 exist), width
 128, 4 heads of 32, MLP ratio 2, a class token, patch 7 on the 56 x 56 canvas view (8 x 8 = 64 patches).
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pruneattn import datasets
+from pruneattn.fashion_mnist import datasets
 
 DEFAULT_CONFIG = dict(
     img_size=56, patch_size=7, in_chans=1, num_classes=10, embed_dim=128, depth=12, num_heads=4, mlp_ratio=2.0,
@@ -55,7 +55,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     """(model in eval mode, float32, on ``device``; checkpoint dict) from ``path`` (default: the shipped weights)."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"weights not found: {path} (train them with `python -m pruneattn.train`)")
+        raise FileNotFoundError(f"weights not found: {path} (train them with `python -m pruneattn.fashion_mnist.train`)")
     from torch.torch_version import TorchVersion
 
     with torch.serialization.safe_globals([TorchVersion]):  # older checkpoints stored torch.__version__ as is
@@ -189,7 +189,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pruneattn.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pruneattn.fashion_mnist.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     model16, _ = load_model(args.out, device=args.device)
     ev = evaluate(model16, test_images, test_labels, config=config, device=args.device, progress=True)
     log(f"test top-1 {ev['top1']:.4f} ({ev['n']} images, canvas seed {TEST_SEED}); {ev['images_per_s']:.0f} images/s")
-    meta = {"command": "python -m pruneattn.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": "python -m pruneattn.fashion_mnist.train " + " ".join(argv if argv is not None else sys.argv[1:]),
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "steps": stats["steps"], "train_seconds": round(stats["seconds"], 1), "device": str(args.device),
             "test_top1": ev["top1"], "torch": str(torch.__version__)}

@@ -1,7 +1,7 @@
 """CPU op-level benchmark: the fast CPU path (:mod:`pruneattn.cpu`) against SDPA alone and the eager path.
 
 Timing: interleaved rounds, each candidate run once untimed right before its timed call
-(``settle``, see :func:`pruneattn.bench.timing.time_cpu`), medians. Targets (issue 7, CPU, fp32,
+(``settle``, see :func:`pruneattn.bench.timing.time_cpu`), medians. Targets (CPU, fp32,
 same run, interleaved repeats, medians): attention + scores with
 ``query="cls"`` within 1.15x of SDPA alone at (16, 6, 197, 64) and (8, 12, 577, 64) and at least 2x
 faster than the eager path at N = 577; ``query="mean"`` within 2.5x of SDPA alone, its largest

@@ -87,8 +87,8 @@ def test_demo_writes_outside_the_working_directory_by_default(capsys):
 
 
 def test_training_command_names_the_module_and_no_log_file():
-    meta = {"command": "python -m pruneattn.train --epochs 2 --log /tmp/runs/train.log --out x.pt --log=/y"}
-    assert demo.training_command(meta) == "python -m pruneattn.fashion_mnist.train --epochs 2 --out x.pt"
+    meta = {"command": "python -m pruneattn.train --epochs 2 --log /tmp/runs/train.log --out pruneattn/data/x.pt --log=/y"}
+    assert demo.training_command(meta) == "python -m pruneattn.fashion_mnist.train --epochs 2 --out pruneattn/fashion_mnist/data/x.pt"
     assert demo.training_command({}) == "?"
 
 

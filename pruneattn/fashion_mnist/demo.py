@@ -74,7 +74,7 @@ def panel_title(stat: str, block: int, n_kept: int, pred: int | None, label: int
     if pred is None:
         return f"{stat}: after block {block}\n{n_kept} patches kept"
     verdict = "right" if pred == label else "WRONG"
-    return f"{stat}, {n_kept} kept: {verdict}\npredicts {CLASSES[pred]}"
+    return f"{stat}: block {block}, {n_kept} kept\npredicts {CLASSES[pred]}: {verdict}"
 
 
 def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path: Path, keep: float) -> None:
@@ -93,7 +93,7 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
     for r, img in enumerate(images):
         ax = axes[r, 0]
         ax.imshow(img, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{CLASSES[labels[r]]}\nunpruned: {CLASSES[preds['unpruned'][r]]}", fontsize=6.5)
+        ax.set_title(f"true: {CLASSES[labels[r]]}\nunpruned: {CLASSES[preds['unpruned'][r]]}", fontsize=6.5)
         for s, stat in enumerate(stats):
             for b, block in enumerate(blocks):
                 ax = axes[r, 1 + s * len(blocks) + b]
@@ -124,7 +124,8 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
 def training_command(meta: dict) -> str:
     """The command that trained a checkpoint, as a user would run it now (module path of today, no log file)."""
     words = str(meta.get("command", "?")).split()
-    words = ["pruneattn.fashion_mnist.train" if w == "pruneattn.train" else w for w in words]
+    words = ["pruneattn.fashion_mnist.train" if w == "pruneattn.train" else
+             w.replace("pruneattn/data/", "pruneattn/fashion_mnist/data/") for w in words]
     out: list[str] = []
     skip = False
     for w in words:

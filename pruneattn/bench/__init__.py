@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         chosen = ["ops", "models"] if device.type == "cuda" else ["cpu-ops", "cpu-models"]
     if "account" in chosen:
-        from pruneattn.bench import account
+        from pruneattn.bench.static import cli as static_cli
 
         acc_argv = ["--out", args.out] if args.out else []
         if args.smoke:
             acc_argv += ["--shapes", "3:197"]
-        rc = account.main(acc_argv)
+        rc = static_cli.main(acc_argv)
         if rc:
             return rc
     if "cpu-ops" in chosen:

@@ -1,0 +1,47 @@
+"""``pruneattn bench --account`` / ``--build``: the static suites' command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from pruneattn.bench.static.account import STANDARD_SHAPES, run_account
+from pruneattn.bench.static.hooks import check_interpreter_ok
+from pruneattn.bench.static.report import markdown
+
+def _reexec(argv: list[str]) -> int:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "import sys; from pruneattn.bench.static.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.call([sys.executable, "-c", code, *argv], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pruneattn bench --account", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="folder for account.json and account.md (printed only if omitted)")
+    p.add_argument("--shapes", default=None, help="H:N pairs, comma-separated (default: the 16 standard shapes)")
+    p.add_argument("--batch", type=int, default=1)
+    args = p.parse_args(argv)
+    from pruneattn._env import interpreting
+
+    if not interpreting() or ("pruneattn.kernels.attention" in sys.modules and not check_interpreter_ok()):
+        return _reexec(list(argv or []))
+    shapes = STANDARD_SHAPES
+    if args.shapes:
+        shapes = tuple(tuple(int(x) for x in s.split(":")) for s in args.shapes.split(","))
+    result = run_account(shapes, B=args.batch)
+    md = markdown(result)
+    print(md)
+    if args.out:
+        from pruneattn.bench.report import write_json
+
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "account.json"), result)
+        with open(os.path.join(args.out, "account.md"), "w", encoding="utf-8") as f:
+            f.write(md)
+        print(f"wrote {args.out}/account.json and account.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

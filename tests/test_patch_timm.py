@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
+from timm.models.vision_transformer import Block, DiffParallelScalingBlock, VisionTransformer
 
 import pruneattn
 from model_reference import kernel_device, one_thread, timm_forward, token_counts  # noqa: F401 (fixtures)
@@ -281,9 +281,10 @@ def test_unsupported_models_name_their_class():
     resnet = timm.models.resnet.ResNet(block=timm.models.resnet.BasicBlock, layers=[1, 1, 1, 1])
     with pytest.raises(TypeError, match="ResNet"):
         pruneattn.patch(resnet)
-    parallel = tiny(block_fn=ParallelScalingBlock)
-    with pytest.raises(TypeError, match="ParallelScalingBlock"):
-        pruneattn.patch(parallel, layers=(1,))
+    diff = tiny(block_fn=DiffParallelScalingBlock)
+    with pytest.raises(TypeError, match="DiffParallelScalingBlock"):
+        pruneattn.patch(diff, layers=(1,))
+    assert all(type(b) is DiffParallelScalingBlock for b in diff.blocks) and type(diff) is VisionTransformer
 
 
 def test_attention_dropout_is_an_error():

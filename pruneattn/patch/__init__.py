@@ -20,8 +20,9 @@ __all__ = ["default_layers", "kept_indices", "patch", "unpatch"]
 
 SUPPORTED = "; ".join(
     (
-        "timm VisionTransformer family (vit_*, deit_* incl. distilled, register tokens, avg pooling)",
-        "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher)",
+        "timm VisionTransformer (vit_*, deit_* incl. distilled, registers, avg pooling, parallel and post-norm "
+        "blocks) and Eva (eva02_*, vit_*_rope*, vit_*_dinov3)",
+        "transformers ViT, DeiT, CLIP and SigLIP vision encoders, DINOv2 (with registers)",
     )
 )
 
@@ -37,6 +38,9 @@ def _adapter(model: object) -> ModuleType:
         from pruneattn.patch import hf as adapter
     else:
         adapter = None
+    reason = adapter.unsupported_reason(model) if adapter is not None else None
+    if reason:
+        raise TypeError(f"pruneattn.patch does not support {type(model).__name__}: {reason}")
     if adapter is None or not adapter.supports(model):
         hint = ""
         if hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -87,7 +91,7 @@ def patch(
     keep_rate: float | Sequence[float] = 0.7,
     layers: int | Sequence[int] | None = None,
     stat: str = "var",
-    query: str = "cls",
+    query: str | None = None,
     mode: str = "drop",
 ) -> nn.Module:
     """Make ``model`` prune patch tokens after the attention of the blocks in ``layers``, in place.
@@ -100,12 +104,15 @@ def patch(
         layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
             model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth).
         stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see docs/semantics.md).
-            ``query="cls"`` needs a class token; use ``"mean"`` for models without one.
+            ``query`` defaults to ``"cls"`` for models with a class token and ``"mean"`` for the others
+            (SigLIP, global-pooling ViTs without one); ``"cls"`` on a model without a class token raises.
         mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
 
     Patching a patched model re-configures it (the previous patch is undone first). Returns ``model``.
     """
     adapter = _adapter(model)
+    if query is None:
+        query = "cls" if adapter.has_class_token(model) else "mean"
     check_choice("stat", stat, STATS)
     check_choice("query", query, QUERIES)
     check_choice("mode", mode, MODES)
@@ -125,6 +132,10 @@ def patch(
         cfg.orig_class = type(block)
         block._pruneattn = cfg
         block.__class__ = adapter.PRUNED_CLASSES[cfg.orig_class]
+    model_class = getattr(adapter, "model_class", None)
+    if model_class is not None:  # the model's own loop follows the kept patches (rotary tables, grids)
+        model._pruneattn_class = type(model)
+        model.__class__ = model_class(type(model))
     return model
 
 
@@ -133,6 +144,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for block in _patched(model):
         block.__class__ = block._pruneattn.orig_class
         del block._pruneattn
+    orig = model.__dict__.pop("_pruneattn_class", None)
+    if orig is not None:
+        model.__class__ = orig
     return model
 
 

@@ -38,6 +38,10 @@ class PruneConfig:
     fused_in: bool  # the block's input ends with a fused token made by an earlier block
     orig_class: type = field(repr=False, default=object)  # restored by unpatch
     kept_idx: torch.Tensor | None = field(repr=False, default=None)  # (B, k) of the last forward
+    # Set while a feature needs every patch's last value (timm forward_intermediates as a grid): the
+    # block then keeps its tokens after the attention residual, before selection, in ``pre_select``.
+    record: bool = field(repr=False, default=False)
+    pre_select: torch.Tensor | None = field(repr=False, default=None)
 
 
 def make_configs(
@@ -58,6 +62,8 @@ def attention(cfg: PruneConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> torch.Tensor:
     """Keep the prefix and the top-k patches of ``x`` (B, N, C) [+ the fused token]; record ``kept_idx``."""
+    if cfg.record:
+        cfg.pre_select = x
     B, N, _ = x.shape
     P = N - cfg.num_prefix - int(cfg.fused_in)
     if cfg.keep_rate == 1.0:

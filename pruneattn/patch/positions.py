@@ -1,0 +1,49 @@
+"""Where each token of a pruned sequence sits in the original patch grid, and what follows from it.
+
+After a pruning block the patch tokens are a per-image subset of the grid. ``pos`` (B, P') holds,
+for each remaining patch token, its index in the ORIGINAL grid (row-major, 0 = first patch);
+``None`` stands for "all patches, in order" (nothing pruned yet). Three things follow from it:
+
+- :func:`rotary_table`: a rotary position table (timm ``Eva``: EVA02, RoPE ViTs, DINOv3) gathered per
+  image, so that every later block rotates each token by its original position. A fused token, if
+  present, gets the identity rotation (sin 0, cos 1): it has no position, like the prefix tokens.
+- :func:`paint`: a (B, P, C) grid that keeps, for every patch, its last computed representation, for
+  features that ask for a full grid (timm ``forward_intermediates`` with ``output_fmt="NCHW"``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def compose(pos: torch.Tensor | None, kept_idx: torch.Tensor) -> torch.Tensor:
+    """Grid positions of the patches kept by a block whose ``kept_idx`` (B, k) indexes ``pos``."""
+    return kept_idx if pos is None else pos.gather(1, kept_idx)
+
+
+def rotary_table(table: torch.Tensor, pos: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """The rotary table for the current tokens: ``table`` as built for the full grid, either (P, D),
+    (heads, P, D) or already per image (B, 1 or heads, P, D), gathered at ``pos`` into
+    (B, 1 or heads, P', D), plus one identity row when the sequence ends with a fused token.
+
+    The last dim holds sin then cos halves (timm's ``apply_rot_embed_cat`` layout)."""
+    if pos is None:
+        return table
+    B, Pk = pos.shape
+    if table.dim() == 2:
+        table = table[None, None]
+    elif table.dim() == 3:
+        table = table[None]
+    table = table.expand(B, -1, -1, -1)
+    X, D = table.shape[1], table.shape[-1]
+    out = table.gather(2, pos[:, None, :, None].expand(B, X, Pk, D))
+    if fused:
+        identity = torch.cat([out.new_zeros(D // 2), out.new_ones(D - D // 2)])
+        out = torch.cat([out, identity.expand(B, X, 1, D)], dim=2)
+    return out
+
+
+def paint(grid: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """``grid`` (B, P, C) with the rows at ``pos`` replaced by ``tokens`` (B, P', C) (out of place)."""
+    if pos is None:
+        return tokens
+    return grid.scatter(1, pos.unsqueeze(-1).expand(-1, -1, grid.shape[-1]), tokens.to(grid.dtype))

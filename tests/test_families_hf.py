@@ -14,8 +14,10 @@ from transformers import (
     Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
     SiglipConfig,
+    SiglipForImageClassification,
     SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
@@ -53,6 +55,9 @@ BUILDERS = {
     "dinov2_swiglu_cls": lambda: Dinov2ForImageClassification(
         Dinov2Config(**SMALL, use_swiglu_ffn=True, num_labels=10)),
     "dinov2_registers": lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)),
+    "dinov2_registers_cls": lambda: Dinov2WithRegistersForImageClassification(
+        Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4, num_labels=10)),
+    "siglip_cls": lambda: SiglipForImageClassification(SiglipConfig(text_config=TEXT, vision_config=SMALL, num_labels=10)),
 }
 
 

@@ -1,7 +1,9 @@
 """Model-level CPU benchmark: whole models, unpatched vs pruned, with the CPU speed and memory targets.
 
-DeiT-S at 224 (batch 16 and 1) and ViT-S/16 at 384 (batch 8 and 1), float32, 2 threads: unpatched vs
-``pruneattn.patch(model, keep_rate=0.7, layers=(3, 6, 9), stat="var")`` vs the EViT-style eager patch.
+DeiT-S at 224 (batch 16 and 1), ViT-S/16 at 384 (batch 8 and 1), the RoPE ViT-S/16 at 224 (batch 16,
+timm ``Eva``) and a CLIP ViT-B/16 vision encoder at 224 (batch 8, Hugging Face), float32, 2 threads:
+unpatched vs ``pruneattn.patch(model, keep_rate=0.7, layers=(3, 6, 9), stat="var")`` vs the EViT-style
+eager patch.
 Latency = median of interleaved repeats (time.perf_counter). Peak memory, two ways: the peak bytes
 held by torch's CPU allocator during a forward (``torch.profiler`` memory events: deterministic; the
 target is checked on it), and the resident-set peak of the forwards in a fresh subprocess per
@@ -24,7 +26,12 @@ from pruneattn.bench import models as M
 from pruneattn.bench.meta import environment, load_average
 from pruneattn.bench.timing import time_cpu
 
-CASES = (("deit_small_patch16_224", 224, (16, 1)), ("vit_small_patch16_384", 384, (8, 1)))
+CASES = (
+    ("deit_small_patch16_224", 224, (16, 1)),
+    ("vit_small_patch16_384", 384, (8, 1)),
+    ("vit_small_patch16_rope_224", 224, (16,)),
+    ("hf:clip_vit_b16", 224, (8,)),
+)
 SMOKE_CASES = (("deit_tiny_patch16_224", 64, (2,)),)
 CONFIGS = (M.UNPATCHED, M.pruned("var", 0.7), M.evit_style("var", 0.7))
 TARGETS = {"bound_fraction": 0.95, "over_evit": 1.15, "batch1_deit_s": 1.3, "deit_s_b16": 1.4}

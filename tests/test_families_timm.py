@@ -157,6 +157,7 @@ VIT_BLOCKS = {
 
 
 def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
     return VIT_BLOCKS[name]() if name in VIT_BLOCKS else create(name)
 
 
@@ -252,14 +253,15 @@ def test_query_defaults_to_mean_without_class_token(cpu_backend):
         pruneattn.patch(model, layers=(1,), query="cls")
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3", "parallel_scaling",
+                                  "parallel_things", "eva_post_norm"])
 def test_triton_kernels_match_reference(kernel_device, name):
     """The patched model through the Triton kernels (the interpreter on a CPU), float32."""
-    model = create(name).to(kernel_device)
+    model = build(name).to(kernel_device)
     x = images(model).to(kernel_device)
     rates = {1: 0.7, 3: 0.5, 4: 0.7}
     with torch.no_grad():  # the reference in float64; float32 noise grows through sharpened layers
-        ref, trace = reference_forward(create(name).double(), x.double().cpu(), rates, mode="fuse")
+        ref, trace = reference_forward(build(name).double(), x.double().cpu(), rates, mode="fuse")
         pruneattn.patch(model, keep_rate=[rates[i] for i in LAYERS], layers=LAYERS, mode="fuse")
         assert pruneattn.backend_for(x.device) == "triton"
         out = model.forward_features(x)

@@ -1,4 +1,4 @@
-"""Model-level CPU benchmark (issue 7 part 4): ``python benchmarks/bench_models_cpu.py [--out DIR]``.
+"""Model-level CPU benchmark: ``python benchmarks/bench_models_cpu.py [--out DIR]``.
 
 Same as ``pruneattn bench --cpu-models``: DeiT-S 224 (batch 16, 1) and ViT-S/16 384 (batch 8, 1),
 unpatched vs ``pruneattn.patch(model, keep_rate=0.7, layers=(3, 6, 9), stat="var")`` vs the EViT-style

@@ -1,5 +1,5 @@
-"""The kernel account (pruneattn/bench/account.py): exact byte and FLOP counts, and the bounds they
-must stay within (issue 7, part 2). Counts come from Triton's interpreter, so they are exact and
+"""The kernel account (pruneattn.bench.static): exact byte and FLOP counts, and the bounds they
+must stay within. Counts come from Triton's interpreter, so they are exact and
 deterministic: asserting them is no timing test."""
 from __future__ import annotations
 

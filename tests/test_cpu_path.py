@@ -1,5 +1,5 @@
 """The fast CPU path (pruneattn/cpu.py) against the eager reference, its memory bound, and a smoke run
-of the CPU benchmarks (issue 7 parts 1 and 4). No timing is asserted anywhere here."""
+of the CPU benchmarks. No timing is asserted anywhere here."""
 from __future__ import annotations
 
 import json

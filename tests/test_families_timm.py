@@ -73,7 +73,9 @@ def _qkv(a):
         else:
             q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
         q, k, v = (heads(t, a.head_dim) for t in (q, k, v))
-        return a.q_norm(q), a.k_norm(k), v
+        g = getattr(a, "num_kv_groups", 1)  # grouped k/v heads: query head h reads k/v head h // g
+        k, v = a.k_norm(k)[:, torch.arange(q.shape[1]) // g], v[:, torch.arange(q.shape[1]) // g]
+        return a.q_norm(q), k, v
 
     return qkv
 
@@ -153,6 +155,11 @@ VIT_BLOCKS = {
     "parallel_things": lambda: _vit(ParallelThingsBlock, init_values=0.5),
     "eva_post_norm": lambda: sharpen(Eva(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, num_classes=10,
                                          use_post_norm=True, use_rot_pos_emb=True, qkv_fused=False)).eval(),
+    # q/k norm, grouped k/v heads, separate projections, SwiGLU, layer scale, 2 registers, no class token
+    "eva_qk_norm_gqa": lambda: sharpen(Eva(
+        img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, num_classes=10, attn_type="rope",
+        qk_norm=True, num_kv_heads=2, qkv_fused=False, use_rot_pos_emb=True, init_values=0.5, swiglu_mlp=True,
+        num_reg_tokens=2, class_token=False, global_pool="avg")).eval(),
 }
 
 

@@ -1,6 +1,8 @@
 """``pruneattn bench`` (also ``python -m pruneattn.bench``): benchmarks and the kernel account.
 
     pruneattn bench --account            exact bytes / FLOPs of every Triton kernel (interpreter)
+    pruneattn bench --build              every kernel variant compiled for sm_80 / sm_90 / sm_100, no GPU needed:
+                                         registers, spills, shared memory, tensor cores, occupancy
     pruneattn bench --cpu-ops            CPU path vs SDPA alone vs eager attention, with the speed targets
     pruneattn bench --cpu-models         DeiT-S / ViT-S-384 on the CPU, with the speed targets
     pruneattn bench --ops                op-level suite (GPU: bf16 + fp16, all standard shapes)
@@ -24,7 +26,7 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("account", "cpu-ops", "cpu-models", "ops", "models")
+_SUITES = ("account", "build", "cpu-ops", "cpu-models", "ops", "models")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
@@ -116,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             acc_argv += ["--shapes", "3:197"]
         rc = static_cli.main(acc_argv)
+        if rc:
+            return rc
+    if "build" in chosen:
+        from pruneattn.bench.static import cli as static_cli
+
+        build_argv = (["--out", args.out] if args.out else []) + (["--smoke"] if args.smoke else [])
+        rc = static_cli.build_main(build_argv + (["--no-progress"] if not progress else []))
         if rc:
             return rc
     if "cpu-ops" in chosen:

@@ -1,5 +1,8 @@
-"""Launch settings shared by the kernels: interpreter detection and autotune configs."""
+"""Launch settings shared by the kernels: interpreter detection, autotune configs and their pruning."""
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import triton
@@ -16,6 +19,123 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 def configs(candidates: list[triton.Config]) -> list[triton.Config]:
     """Autotune candidates, pinned to the first one under the interpreter (nothing to tune there)."""
     return candidates[:1] if interpreting() else candidates
+
+
+# float32 runs ``tl.dot`` as IEEE FMAs, not on tensor cores: both operands of every product sit in
+# registers, so it needs much smaller tiles than 16-bit inputs. Compiled for sm_80 / sm_90, the 16-bit
+# tiles spill kilobytes per thread in float32 (``pruneattn bench --build``); these do not, from d = 16 to 256.
+def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+FP32_ATTENTION_CONFIGS = [_cfg(16, 16, 4, 1), _cfg(16, 32, 4, 2), _cfg(32, 16, 4, 2)]
+FP32_COLUMN_CONFIGS = [_cfg(16, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)]
+# The largest BLOCK_M * BLOCK_N * BLOCK_D of a float32 attention tile that compiles without spills.
+FP32_ATTENTION_TILE = 16 * 32 * 64
+# The largest BLOCK_M * BLOCK_D / num_warps of a 16-bit attention tile: 128 rows on 4 warps at a head
+# width of 128 spill on sm_80 and sm_90; wider heads fall back to the smallest such tiles.
+HALF_ATTENTION_TILE = 2048
+
+SmemEstimate = Callable[[triton.Config, int, Mapping[str, object]], int]
+_SCRATCH = 2048  # barriers, reduction scratch and static shared memory beside the tiles
+
+
+def attention_smem(config: triton.Config, element_size: int, constexprs: Mapping[str, object]) -> int:
+    """Shared memory of the fused attention kernel, an upper bound: the Q tile, ``num_stages`` buffers
+    of the K and V tiles, and in float32 the probabilities tile (the FMA dot reads it from shared memory)."""
+    m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], int(constexprs["BLOCK_D"])
+    tiles = m * d + config.num_stages * 2 * n * d + (m * n if element_size == 4 else 0)
+    return element_size * tiles + _SCRATCH
+
+
+def column_smem(config: triton.Config, element_size: int, constexprs: Mapping[str, object]) -> int:
+    """Shared memory of the column-mean kernel, an upper bound: ``num_stages`` Q tiles and the K tile."""
+    m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], int(constexprs["BLOCK_D"])
+    return element_size * (config.num_stages * m * d + d * n) + _SCRATCH
+
+
+def _key(c: triton.Config) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def fitting(
+    configs: Sequence[triton.Config], estimate: SmemEstimate, element_size: int,
+    constexprs: Mapping[str, object], limit: int | None,
+) -> list[triton.Config]:
+    """The configs whose estimated shared memory is within ``limit`` (all if ``None``); the smallest if none is."""
+    if limit is None:
+        return list(configs)
+    kept = [c for c in configs if estimate(c, element_size, constexprs) <= limit]
+    return kept or [min(configs, key=lambda c: estimate(c, element_size, constexprs))]
+
+
+def _smallest(
+    configs: Sequence[triton.Config], measure: Callable[[triton.Config], int], limit: int
+) -> list[triton.Config]:
+    """The configs with ``measure <= limit``; if none, those at the smallest measure."""
+    kept = [c for c in configs if measure(c) <= limit]
+    if kept:
+        return kept
+    low = min(measure(c) for c in configs)
+    return [c for c in configs if measure(c) == low]
+
+
+def for_dtype(
+    configs: Sequence[triton.Config], element_size: int, constexprs: Mapping[str, object],
+    fp32: Sequence[triton.Config], fp32_tile: int | None = None, half_tile: int | None = None,
+) -> list[triton.Config]:
+    """The candidates meant for the element size: the ``fp32`` ones for 4-byte (and wider) elements,
+    within ``fp32_tile`` (BLOCK_M * BLOCK_N * BLOCK_D); the others for 16-bit inputs, within
+    ``half_tile`` (BLOCK_M * BLOCK_D / num_warps: the float32 accumulator a warp holds)."""
+    wide = {_key(c) for c in fp32}
+    d = int(constexprs["BLOCK_D"])
+    if element_size < 4:
+        mine = [c for c in configs if _key(c) not in wide] or list(configs)
+        if half_tile is None:
+            return mine
+        return _smallest(mine, lambda c: c.kwargs["BLOCK_M"] * d // c.num_warps, half_tile)
+    mine = [c for c in configs if _key(c) in wide] or list(configs)
+    if fp32_tile is None:
+        return mine
+    return _smallest(mine, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * d, fp32_tile)
+
+
+def device_smem_limit(device: torch.device) -> int | None:
+    """Shared memory one CTA may use on ``device`` (the opt-in maximum); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def prune_by(
+    estimate: SmemEstimate, fp32: Sequence[triton.Config], fp32_tile: int | None = None,
+    half_tile: int | None = None, tensor: str = "Q",
+) -> dict:
+    """``prune_configs_by`` for ``triton.autotune``: the candidates for the dtype of ``tensor`` (and the
+    tile limits, see :func:`for_dtype`), then those whose estimated shared memory fits the device,
+    keeping at least one.
+
+    The prune function's ``for_limit(configs, element_size, constexprs, limit)`` applies the same rule
+    for any shared-memory limit (``pruneattn bench --build`` asks it per GPU architecture).
+    """
+
+    def for_limit(configs, element_size: int, constexprs: Mapping[str, object], limit: int | None):
+        mine = for_dtype(configs, element_size, constexprs, fp32, fp32_tile, half_tile)
+        return fitting(mine, estimate, element_size, constexprs, limit)
+
+    def prune(configs, named_args, **kwargs):
+        t = named_args[tensor]
+        return for_limit(configs, t.element_size(), kwargs, device_smem_limit(t.device))
+
+    prune.for_limit = for_limit
+    prune.estimate = estimate
+    return {"early_config_prune": prune}
 
 
 def next_pow2(n: int) -> int:

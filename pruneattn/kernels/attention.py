@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pruneattn.kernels._config import block_d, configs
+from pruneattn.kernels._config import (
+    FP32_ATTENTION_CONFIGS, FP32_ATTENTION_TILE, HALF_ATTENTION_TILE, attention_smem, block_d, configs, prune_by,
+)
 
 LOG2E = math.log2(math.e)
 
@@ -29,7 +31,10 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["N", "H", "HEAD_DIM", "DTYPE_KEY"])
+@triton.autotune(
+    configs=configs(_CONFIGS + FP32_ATTENTION_CONFIGS), key=["N", "H", "HEAD_DIM", "DTYPE_KEY"],
+    prune_configs_by=prune_by(attention_smem, FP32_ATTENTION_CONFIGS, FP32_ATTENTION_TILE, HALF_ATTENTION_TILE),
+)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, ClsLogits,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pruneattn.kernels._config import block_d, configs
+from pruneattn.kernels._config import FP32_COLUMN_CONFIGS, block_d, column_smem, configs, prune_by
 from pruneattn.kernels.attention import LOG2E
 
 _CONFIGS = [
@@ -21,7 +21,8 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["N", "H", "HEAD_DIM", "DTYPE_KEY"])
+@triton.autotune(configs=configs(_CONFIGS + FP32_COLUMN_CONFIGS), key=["N", "H", "HEAD_DIM", "DTYPE_KEY"],
+                 prune_configs_by=prune_by(column_smem, FP32_COLUMN_CONFIGS))
 @triton.jit
 def _column_mean_kernel(
     Q, K, Lse, Received,

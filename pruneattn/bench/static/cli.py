@@ -10,6 +10,7 @@ from pruneattn.bench.static.account import STANDARD_SHAPES, run_account
 from pruneattn.bench.static.hooks import check_interpreter_ok
 from pruneattn.bench.static.report import markdown
 
+
 def _reexec(argv: list[str]) -> int:
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = "import sys; from pruneattn.bench.static.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -40,6 +41,37 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, "account.md"), "w", encoding="utf-8") as f:
             f.write(md)
         print(f"wrote {args.out}/account.json and account.md")
+    return 0
+
+
+def build_main(argv: list[str] | None = None) -> int:
+    """``pruneattn bench --build``: compile every kernel variant for GPU targets, without a GPU."""
+    from pruneattn.bench.report import write_json
+    from pruneattn.bench.static import suite
+    from pruneattn.bench.static.build import toolchain
+    from pruneattn.bench.static.report import build_markdown
+
+    p = argparse.ArgumentParser(prog="pruneattn bench --build", description=build_main.__doc__)
+    p.add_argument("--out", default=None, help="folder for gpu_build.json and gpu_build.md (printed only if omitted)")
+    p.add_argument("--smoke", action="store_true", help="float16, d = 64, one shape, first candidate only")
+    p.add_argument("--archs", default=",".join(suite.ARCH_NAMES), help="comma-separated targets")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: up to 4)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    tools = toolchain()
+    if "missing" in tools:
+        print(f"pruneattn bench --build: cannot build for a GPU here: {tools['missing']}", file=sys.stderr)
+        return 2
+    result = suite.run_build(smoke=args.smoke, archs=tuple(args.archs.split(",")), workers=args.workers,
+                             progress=not args.no_progress)
+    md = build_markdown(result)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "gpu_build.json"), result)
+        with open(os.path.join(args.out, "gpu_build.md"), "w", encoding="utf-8") as f:
+            f.write(md)
+        print(f"wrote {args.out}/gpu_build.json and gpu_build.md")
     return 0
 
 

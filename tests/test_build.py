@@ -125,7 +125,8 @@ def test_the_prune_keeps_only_candidates_that_fit(built):
 
 @needs_toolchain
 def test_spills_are_detected_and_pruned(launches):
-    """Poison: 128 rows on 4 warps at head width 128 spill on sm_80; the check sees it, the prune drops it."""
+    """Poison: 128 rows on 4 warps at head width 128 spill on sm_80; the check sees it, the prune drops it
+    (and every other candidate that spills there)."""
     launch = next(la for la in launches if la.name == "attention_fwd" and la.dtype == "float16" and la.head_dim == 128
                   and dict(la.constexprs)["STORE_CLS"])
     poison = (("BLOCK_M", 128), ("BLOCK_N", 64), ("num_warps", 4), ("num_stages", 3))
@@ -133,8 +134,12 @@ def test_spills_are_detected_and_pruned(launches):
     (forced,) = [r for r in rows if r["candidate"] is None]
     assert forced["error"] is None and forced["spill_bytes"] > 0
     candidates = [r for r in rows if r["candidate"] is not None]
-    assert len(candidates) == 4  # the spilling candidate is not among the float16 ones at this width
-    assert not any(r["config"]["BLOCK_M"] == 128 and r["config"]["num_warps"] == 4 for r in candidates)
+    assert len(candidates) == 5  # every 16-bit candidate
+    spilled = {(r["config"]["BLOCK_M"], r["config"]["BLOCK_N"], r["config"]["num_warps"])
+               for r in candidates if r["spill_bytes"] > 0}
+    assert (128, 64, 4) in spilled
+    assert not any(r["kept_by_prune"] for r in candidates if r["spill_bytes"] > 0)  # the prune drops them
+    assert any(r["kept_by_prune"] for r in candidates)
 
 
 def test_occupancy_formula_by_hand():
@@ -177,9 +182,13 @@ def test_prune_picks_the_candidates_of_the_dtype():
 
     prune = _attention_fwd_kernel.early_config_prune
     every = _CONFIGS + _config.FP32_ATTENTION_CONFIGS
-    # On CPU tensors there is no shared-memory limit: only the dtype decides.
+    # On CPU tensors there is no shared-memory limit: only the dtype and the tile sizes decide.
+    half = prune(every, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=32)
+    assert half == _CONFIGS
     half = prune(every, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=64)
-    assert [c.kwargs for c in half] == [c.kwargs for c in _CONFIGS]
+    assert half == [c for c in _CONFIGS if (c.kwargs["BLOCK_M"], c.num_warps) != (128, 4)]
+    (widest,) = prune(every, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=256)
+    assert (widest.kwargs, widest.num_warps) == ({"BLOCK_M": 64, "BLOCK_N": 32}, 4)
     single = prune(every, {"Q": torch.empty(1, dtype=torch.float32)}, BLOCK_D=64)
     assert single and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * 64 <= _config.FP32_ATTENTION_TILE for c in single)
     # Head dim 256 in float32: no candidate is within the tile limit, the smallest one stays.

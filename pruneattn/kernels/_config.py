@@ -32,9 +32,10 @@ FP32_ATTENTION_CONFIGS = [_cfg(16, 16, 4, 1), _cfg(16, 32, 4, 2), _cfg(32, 16, 4
 FP32_COLUMN_CONFIGS = [_cfg(16, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(32, 16, 4, 2)]
 # The largest BLOCK_M * BLOCK_N * BLOCK_D of a float32 attention tile that compiles without spills.
 FP32_ATTENTION_TILE = 16 * 32 * 64
-# The largest BLOCK_M * BLOCK_D / num_warps of a 16-bit attention tile: 128 rows on 4 warps at a head
-# width of 128 spill on sm_80 and sm_90; wider heads fall back to the smallest such tiles.
-HALF_ATTENTION_TILE = 2048
+# The most float32 values per thread of a 16-bit attention tile's logits and accumulator,
+# (BLOCK_M * BLOCK_N + BLOCK_M * BLOCK_D) / (32 * num_warps): above it the tiles spill on sm_80 / sm_90
+# (128 rows on 4 warps from d = 40, 128 x 128 tiles from d = 72); d = 256 keeps the smallest such tile.
+HALF_ATTENTION_TILE = 96
 
 SmemEstimate = Callable[[triton.Config, int, Mapping[str, object]], int]
 _SCRATCH = 2048  # barriers, reduction scratch and static shared memory beside the tiles
@@ -86,14 +87,17 @@ def for_dtype(
 ) -> list[triton.Config]:
     """The candidates meant for the element size: the ``fp32`` ones for 4-byte (and wider) elements,
     within ``fp32_tile`` (BLOCK_M * BLOCK_N * BLOCK_D); the others for 16-bit inputs, within
-    ``half_tile`` (BLOCK_M * BLOCK_D / num_warps: the float32 accumulator a warp holds)."""
+    ``half_tile`` float32 values per thread in the logits and accumulator tiles."""
     wide = {_key(c) for c in fp32}
     d = int(constexprs["BLOCK_D"])
     if element_size < 4:
         mine = [c for c in configs if _key(c) not in wide] or list(configs)
         if half_tile is None:
             return mine
-        return _smallest(mine, lambda c: c.kwargs["BLOCK_M"] * d // c.num_warps, half_tile)
+        def per_thread(c: triton.Config) -> int:
+            return c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + d) // (32 * c.num_warps)
+
+        return _smallest(mine, per_thread, half_tile)
     mine = [c for c in configs if _key(c) in wide] or list(configs)
     if fp32_tile is None:
         return mine
@@ -122,7 +126,8 @@ def prune_by(
     keeping at least one.
 
     The prune function's ``for_limit(configs, element_size, constexprs, limit)`` applies the same rule
-    for any shared-memory limit (``pruneattn bench --build`` asks it per GPU architecture).
+    for any shared-memory limit (``pruneattn bench --build`` asks it per GPU architecture), and
+    ``for_element`` gives the dtype's candidates before any limit.
     """
 
     def for_limit(configs, element_size: int, constexprs: Mapping[str, object], limit: int | None):
@@ -133,7 +138,11 @@ def prune_by(
         t = named_args[tensor]
         return for_limit(configs, t.element_size(), kwargs, device_smem_limit(t.device))
 
+    def for_element(configs, element_size: int, constexprs: Mapping[str, object]):
+        return for_dtype(configs, element_size, constexprs, fp32)
+
     prune.for_limit = for_limit
+    prune.for_element = for_element  # the dtype's candidates before the tile and shared-memory limits
     prune.estimate = estimate
     return {"early_config_prune": prune}
 

@@ -5,7 +5,8 @@ Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM IR, PTX, ``ptxas``) on this mach
 
 - registers per thread, spills and static shared memory: ``cuobjdump --dump-resource-usage`` on the
   cubin (spills: the stack frame plus local memory per thread, where ``ptxas`` puts the registers it
-  runs out of; these kernels have no local arrays or calls that would use them otherwise) (both tools ship with Triton, in ``triton/backends/nvidia/bin``);
+  runs out of; these kernels have no calls that would use a stack otherwise), and the local-memory
+  stores (``STL``) in the SASS (``cuobjdump -sass``) (both tools ship with Triton, in ``triton/backends/nvidia/bin``);
 - dynamic shared memory: ``compiled.metadata.shared`` (what the launcher would request);
 - tensor cores: the PTX's MMA instructions (``wgmma.mma_async`` on sm_90, ``mma.sync`` on sm_80,
   ``tcgen05.mma`` on sm_100).
@@ -136,13 +137,15 @@ def candidates(launch: Launch) -> list:
     return [triton.Config({}, num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3))]
 
 
-def _pruned(launch: Launch, limit: int | None) -> list[int]:
+def _pruned(launch: Launch, limit: int | None, before_limits: bool = False) -> list[int]:
     configs = candidates(launch)
     prune = getattr(_kernel(launch), "early_config_prune", None)
-    for_limit = getattr(prune, "for_limit", None)
-    if not launch.tuned or for_limit is None:
+    rule = getattr(prune, "for_element" if before_limits else "for_limit", None)
+    if not launch.tuned or rule is None:
         return list(range(len(configs)))
-    kept = for_limit(configs, _element_size(launch), dict(launch.constexprs), limit)
+    consts = dict(launch.constexprs)
+    kept = rule(configs, _element_size(launch), consts) if before_limits else rule(
+        configs, _element_size(launch), consts, limit)
     return [i for i, c in enumerate(configs) if any(c is k for k in kept)]
 
 
@@ -153,8 +156,8 @@ def smem_estimate(launch: Launch, config) -> int | None:
 
 
 def dtype_candidates(launch: Launch) -> list[int]:
-    """Indices of the candidates the kernel's prune allows for the launch's dtype on any device."""
-    return _pruned(launch, None)
+    """Indices of the kernel's candidates for the launch's dtype, before the prune's tile and memory limits."""
+    return _pruned(launch, None, before_limits=True)
 
 
 def kept_by_prune(launch: Launch, arch: Arch) -> list[int]:
@@ -192,10 +195,12 @@ def _resources(cubin: bytes, cuobjdump: str) -> dict:
         with open(path, "wb") as f:
             f.write(cubin)
         out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     m = _RESOURCE.search(out)
     if not m:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{out}")
-    return {"registers": int(m[2]), "stack_bytes": int(m[3]), "static_shared_bytes": int(m[4]), "local_bytes": int(m[5])}
+    return {"registers": int(m[2]), "stack_bytes": int(m[3]), "static_shared_bytes": int(m[4]), "local_bytes": int(m[5]),
+            "local_stores": len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))}
 
 
 def tensor_core_op(ptx: str, arch: Arch) -> str | None:
@@ -223,7 +228,7 @@ def compile_variant(launch: Launch, arch: Arch, candidate: int | None, config, t
 
     row = {
         "kernel": launch.name, "arch": arch.name, "dtype": launch.dtype, "head_dim": launch.head_dim,
-        "constexprs": dict(launch.constexprs), "candidate": candidate,
+        "constexprs": {k: v for k, v in launch.constexprs if not k.startswith("stride_")}, "candidate": candidate,
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
         "dot_bits": list(launch.dot_bits), "launch": launch.key_str(),
     }
@@ -280,7 +285,6 @@ def build(jobs: Sequence[Job], progress: bool = False) -> dict:
             row["candidates"] = len(configs)
             row["dtype_candidates"] = len(dtype_candidates(job.launch))
             row["kept_by_prune"] = i in kept
-            row["prune_keeps"] = kept
             rows.append(row)
     return {"rows": rows, "toolchain": tools, "skipped_archs": skipped}
 

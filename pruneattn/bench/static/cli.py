@@ -31,22 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         shapes = tuple(tuple(int(x) for x in s.split(":")) for s in args.shapes.split(","))
     result = run_account(shapes, B=args.batch)
-    md = markdown(result)
-    print(md)
-    if args.out:
-        from pruneattn.bench.report import write_json
-
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "account.json"), result)
-        with open(os.path.join(args.out, "account.md"), "w", encoding="utf-8") as f:
-            f.write(md)
-        print(f"wrote {args.out}/account.json and account.md")
+    _emit(args.out, "account", result, markdown(result))
     return 0
+
+
+def _emit(out: str | None, stem: str, result: dict, md: str) -> None:
+    """Print the Markdown; with ``out``, write ``<stem>.json`` and ``<stem>.md`` there."""
+    from pruneattn.bench.report import write_json
+
+    print(md)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, f"{stem}.json"), result)
+        with open(os.path.join(out, f"{stem}.md"), "w", encoding="utf-8") as f:
+            f.write(md)
+        print(f"wrote {out}/{stem}.json and {stem}.md")
 
 
 def build_main(argv: list[str] | None = None) -> int:
     """``pruneattn bench --build``: compile every kernel variant for GPU targets, without a GPU."""
-    from pruneattn.bench.report import write_json
     from pruneattn.bench.static import suite
     from pruneattn.bench.static.build import toolchain
     from pruneattn.bench.static.report import build_markdown
@@ -64,14 +67,7 @@ def build_main(argv: list[str] | None = None) -> int:
         return 2
     result = suite.run_build(smoke=args.smoke, archs=tuple(args.archs.split(",")), workers=args.workers,
                              progress=not args.no_progress)
-    md = build_markdown(result)
-    print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "gpu_build.json"), result)
-        with open(os.path.join(args.out, "gpu_build.md"), "w", encoding="utf-8") as f:
-            f.write(md)
-        print(f"wrote {args.out}/gpu_build.json and gpu_build.md")
+    _emit(args.out, "gpu_build", result, build_markdown(result))
     return 0
 
 

@@ -92,13 +92,15 @@ def build_summary(rows: list[dict]) -> list[dict]:
             "kept": len(kept),
             "max regs (kept)": max((r["registers"] for r in kept), default="-"),
             "spills: kept / all": f"{sum(r['spill_bytes'] > 0 for r in kept)} / {sum(r['spill_bytes'] > 0 for r in ok)}",
+            "max spill B (kept)": max((r["spill_bytes"] for r in kept), default=0),
             "16-bit tl.dot on tensor cores": (", ".join(tcs) + (f"; {no_tc} without" if no_tc else "")) if dots16
             else ("no tl.dot" if not any(r["dot_bits"] for r in rs) else "- (fp32: FMA)"),
             "max smem KB (kept)": _kb(max((r["shared_bytes"] for r in kept), default=0)),
             "kept over smem": sum(not r["smem_fits"] for r in kept),
             "CTAs/SM (kept)": f"{min(ctas)}-{max(ctas)}" if ctas else "-",
         })
-    return out
+    arch_order = {a: i for i, a in enumerate(dict.fromkeys(r["arch"] for r in rows))}
+    return sorted(out, key=lambda r: (r["kernel"], r["dtype"], arch_order[r["arch"]]))
 
 
 def shape_rows(build_rows: list[dict], shapes: list[dict], arch: str, sms: int) -> list[dict]:
@@ -140,6 +142,23 @@ def shape_rows(build_rows: list[dict], shapes: list[dict], arch: str, sms: int) 
     return out
 
 
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per arch: compile errors, and among the kept candidates spills, missing tensor cores, overflows."""
+    lines = []
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        rs = [r for r in rows if r["arch"] == arch and r.get("candidate") is not None]
+        kept = [r for r in rs if not r["error"] and r.get("kept_by_prune", True)]
+        spills = [r for r in kept if r["spill_bytes"] > 0]
+        dots = [r for r in kept if r["dot_bits"] and max(r["dot_bits"]) <= 16]
+        worst = max((r["spill_bytes"] for r in spills), default=0)
+        lines.append(
+            f"- **{arch}**: {sum(bool(r['error']) for r in rs)} compile errors in {len(rs)} variants; of the "
+            f"{len(kept)} the prune keeps, {len(spills)} spill (at most {worst} bytes per thread), "
+            f"{sum(not r['tensor_cores'] for r in dots)} of {len(dots)} with 16-bit `tl.dot` lack tensor-core "
+            f"MMAs, {sum(not r['smem_fits'] for r in kept)} exceed the shared memory per CTA")
+    return lines
+
+
 OCCUPANCY_FORMULA = (
     "CTAs per SM = min(floor(floor(65536 / ceil_256(regs * 32)) / num_warps), "
     "floor(smem_per_SM / (smem + 1024)), floor(2048 / (32 * num_warps)), 32): registers are allocated "
@@ -172,9 +191,11 @@ def build_markdown(result: dict) -> str:
         "`cuobjdump --dump-resource-usage`; "
         "dynamic shared memory from Triton's metadata; tensor cores from the PTX's MMA instructions",
         f"- occupancy: {OCCUPANCY_FORMULA}",
-        "- **what this proves**: the kernels compile for these GPUs, with no spills, tensor-core MMAs for every "
-        "16-bit `tl.dot`, shared memory within each arch's limit for every candidate the prune keeps; "
+        "- **what this shows**: whether every variant compiles for these GPUs, and for the candidates the prune keeps: "
+        "spills, tensor-core MMAs for every 16-bit `tl.dot`, shared memory within the arch's limit, occupancy; "
         "**what it does not**: timings, or correctness on a GPU (the interpreter tests check the values)",
+        "",
+        *verdicts(rows),
         "",
     ]
     if result.get("skipped_archs"):
@@ -200,7 +221,7 @@ def build_markdown(result: dict) -> str:
                   "candidates whose registers or shared memory leave room for a single CTA per SM.",
                   "", markdown_table(sr, list(sr[0])), ""]
     cols = ["kernel", "arch", "dtype", "head_dim", "constants", "candidate", "config", "kept", "registers",
-            "spill_bytes", "smem KB", "tensor_cores", "CTAs/SM", "limited by", "error"]
+            "spill_bytes", "local_stores", "smem KB", "smem estimate KB", "tensor_cores", "CTAs/SM", "limited by", "error"]
     table = []
     for r in rows:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items()
@@ -210,6 +231,7 @@ def build_markdown(result: dict) -> str:
                       "candidate": "-" if r.get("candidate") is None else r["candidate"],
                       "kept": "-" if r.get("candidate") is None else ("yes" if r.get("kept_by_prune") else "no"),
                       "smem KB": _kb(r["shared_bytes"]) if not r["error"] else "-",
+                      "smem estimate KB": "-" if r.get("smem_estimate") is None else _kb(r["smem_estimate"]),
                       "tensor_cores": r.get("tensor_cores") or "-",
                       "CTAs/SM": occ.get("ctas_per_sm", "-"), "limited by": "+".join(occ.get("limited_by", [])),
                       "error": r["error"] or ""})

@@ -366,3 +366,17 @@ def test_unsupported_families_name_class_and_reason(name, why):
     with pytest.raises(TypeError, match=f"{type(model).__name__}.*{why}"):
         pruneattn.patch(model)
     assert [type(m) for m in model.modules()] == classes
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_rope_224", "eva_qk_norm_gqa"])
+def test_peak_memory_no_higher_than_unpatched(cpu_backend, name):
+    """Bytes held by torch's CPU allocator at the peak of a forward (deterministic, no timing): the
+    patched loop keeps no extra tensor alive (neither the first tokens nor an attention output)."""
+    from pruneattn.bench import models as M
+    from pruneattn.bench.models_cpu import allocator_peak
+
+    model = build(name)
+    x = images(model, n=4)
+    unpatched = allocator_peak(model, M.UNPATCHED, x)
+    pruneattn.patch(model, keep_rate=0.7, layers=(4,))  # blocks 1 to 4 at full length
+    assert allocator_peak(model, M.pruned("var", 0.7, layers=(4,)), x) <= unpatched

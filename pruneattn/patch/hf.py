@@ -57,7 +57,8 @@ def _attend(cfg: PruneConfig, att: nn.Module, out_proj: nn.Module, x: torch.Tens
     """The attention module's output for ``x`` by the scoring attention, and its stats."""
     B, N, _ = x.shape
     stats = attention(cfg, *_heads(att, x), scale)
-    return out_proj(stats.out.transpose(1, 2).reshape(B, N, -1)), stats
+    # Hand on the scores only: the attention output must not outlive the projection (peak memory).
+    return out_proj(stats.out.transpose(1, 2).reshape(B, N, -1)), stats._replace(out=None)
 
 
 def _no_mask(attention_mask: torch.Tensor | None) -> None:

@@ -97,9 +97,9 @@ def _attend(
 ) -> tuple[torch.Tensor, AttentionStats]:
     """``a(x, rope=rope)`` computed by the scoring attention; also returns its stats."""
     gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
-    q, k, v = _heads(a, x, rope)
-    stats = attention(cfg, q, k, v, a.scale)
-    return _merge(a, stats.out, gate), stats
+    stats = attention(cfg, *_heads(a, x, rope), a.scale)
+    # Hand on the scores only: the attention output must not outlive the projection (peak memory).
+    return _merge(a, stats.out, gate), stats._replace(out=None)
 
 
 def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
@@ -251,20 +251,23 @@ def _block_attentions(block: nn.Module) -> list[nn.Module]:
 def _run_blocks(
     model: nn.Module,
     blocks: nn.Sequential | nn.ModuleList,
-    x: torch.Tensor,
-    rope: torch.Tensor | None,
+    images: torch.Tensor,
     take: set[int] | list[int] = (),
     grid: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``blocks`` on tokens ``x``; returns the output and the tokens after each block in ``take``.
+    """Embed ``images`` and run ``blocks``; returns the output tokens and the tokens after each block in
+    ``take``. (The embedding happens here so that no caller's local keeps the first tokens alive.)
 
     The rotary table (``rope``; per block for ``rope_mixed`` models) follows the kept patches. With
     ``grid``, the taken outputs are prefix + a full grid of patches: dropped patches keep the value they
     had after the attention residual of the block that dropped them."""
+    x, rope = _embed(model, images)
     npt = model.num_prefix_tokens
     per_block = rope is not None and getattr(model, "rope_mixed", False)
     configs = [getattr(b, "_pruneattn", None) for b in blocks]
-    pos, fused, canvas, taken = None, False, x[:, npt:], []
+    # (the grid holds the tokens only when asked: otherwise it would keep the first block's input alive)
+    pos, fused, canvas, taken = None, False, x[:, npt:] if grid else None, []
+    P = x.shape[1] - npt  # patch tokens (no fused token)
     for cfg in configs:
         if cfg is not None:
             cfg.record = grid
@@ -279,7 +282,6 @@ def _run_blocks(
             else:
                 x = blk(x, **kw)
             cfg = configs[i]
-            P = canvas.shape[1] if pos is None else pos.shape[1]  # patch tokens (no fused token)
             if cfg is not None and cfg.keep_rate < 1:
                 if grid:  # dropped patches keep their value after this block's attention residual
                     canvas = paint(canvas, cfg.pre_select[:, npt : npt + P], pos)
@@ -313,8 +315,7 @@ class PrunedModel:
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         _no_mask(attn_mask, is_causal)
-        x, rope = _embed(self, x)
-        x, _ = _run_blocks(self, self.blocks, x, rope)
+        x, _ = _run_blocks(self, self.blocks, x)
         return self.norm(x)
 
     def forward_intermediates(
@@ -338,9 +339,8 @@ class PrunedModel:
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        x, rope = _embed(self, x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        x, inter = _run_blocks(self, blocks, x, rope, set(take), grid=output_fmt == "NCHW")
+        x, inter = _run_blocks(self, blocks, x, set(take), grid=output_fmt == "NCHW")
         inter = [self.norm(y) if norm else y for y in inter]
         npt = self.num_prefix_tokens
         prefix = [y[:, :npt] for y in inter] if npt else None

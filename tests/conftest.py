@@ -21,5 +21,14 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@pytest.fixture
+def cpu_backend():
+    """Run pruneattn's functions on the fast CPU path (not the Triton interpreter) inside the test."""
+    import pruneattn
+
+    with pruneattn.use_backend("cpu"):
+        yield
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")

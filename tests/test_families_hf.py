@@ -70,12 +70,6 @@ def images(n: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def cpu_backend():
-    with pruneattn.use_backend("cpu"):
-        yield
-
-
 def vision(model):
     """The vision encoder of ``model`` (test side: by attribute names)."""
     return getattr(model, "vision_model", None) or getattr(model, "dinov2", None) or model

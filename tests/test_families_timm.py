@@ -52,12 +52,6 @@ def images(model, n: int = 2, seed: int = 1, dtype=torch.float32) -> torch.Tenso
     return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.fixture
-def cpu_backend():
-    with pruneattn.use_backend("cpu"):
-        yield
-
-
 # ----------------------------------------------------------------------------- block pieces, from the
 # timm modules' weights (independent of pruneattn.patch.timm)
 

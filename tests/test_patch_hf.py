@@ -35,12 +35,6 @@ def images(n: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def cpu_backend():
-    with pruneattn.use_backend("cpu"):
-        yield
-
-
 def test_vit_keep_rate_one_matches_unpatched(kernel_device):
     """Default backend (Triton kernels; interpreter on CPU) with nothing dropped: same logits."""
     model = build(ViTForImageClassification).to(kernel_device)

@@ -26,12 +26,6 @@ def images(n: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def cpu_backend():
-    with pruneattn.use_backend("cpu"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def deit_s() -> VisionTransformer:
     torch.manual_seed(0)

@@ -15,6 +15,12 @@ No N x N tensor is built:
 
 Every computation is in float32 (float64 for float64 input); scores and head means are returned as
 float32, like every other path.
+
+Non-finite inputs follow the reference (docs/semantics.md, "Non-finite values"). SDPA's fused kernel
+does not always: a row whose logits hold no finite maximum (NaN or infinity in q, or in k for very
+short rows) can come out as zeros. Such rows report a log-sum-exp that is NaN, infinite or exactly
+0, so :func:`suspect_heads` finds them from the (B, H, N) log-sum-exp that SDPA returns anyway
+(no extra pass over q, k or v), and only those heads are recomputed as the reference does.
 """
 from __future__ import annotations
 
@@ -143,6 +149,40 @@ def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scal
     return total.view(B, H, N).div_(N)
 
 
+def suspect_heads(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
+    """(M, 2) indices (b, h) of the heads whose SDPA result may differ from the reference's softmax.
+
+    With SDPA's log-sum-exp: heads with a row whose log-sum-exp is NaN, infinite or exactly 0 (a
+    finite row has 0 only by coincidence; recomputing it then costs time, not correctness). Without
+    it: heads whose q or k holds a non-finite value.
+    """
+    if lse is None:
+        bad = ~(torch.isfinite(q).flatten(2).all(dim=-1) & torch.isfinite(k).flatten(2).all(dim=-1))
+    else:
+        # x * (1 / x) is NaN exactly where x is 0, infinite or NaN (about 1 otherwise, inf for a
+        # subnormal x): two element-wise ops and a row sum over (B, H, N), measured at 17 us against
+        # the 10 ms of the whole path at (16, 6, 197, 64); a mask of three comparisons took 95 us.
+        bad = torch.isnan((lse * lse.reciprocal()).sum(dim=-1))
+    return bad.nonzero()
+
+
+def recompute_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, query: str,
+    heads: torch.Tensor, out: torch.Tensor, received: torch.Tensor,
+) -> None:
+    """Overwrite ``out`` (B, H, N, d) and ``received`` (B, H, N) at ``heads`` (M, 2) with the
+    reference's plain softmax attention, a few heads at a time (each builds an N x N matrix)."""
+    acc = _acc_dtype(q)
+    N = q.shape[2]
+    step = max(1, CHUNK_ELEMENTS // (N * N))
+    for s in range(0, heads.shape[0], step):
+        b, h = heads[s : s + step].unbind(1)
+        logits = q[b, h].to(acc) @ k[b, h].to(acc).transpose(-2, -1)
+        attn = torch.softmax(logits.mul_(scale), dim=-1)  # (m, N, N)
+        out[b, h] = (attn @ v[b, h].to(acc)).to(out.dtype)
+        received[b, h] = (attn[:, 0] if query == "cls" else attn.mean(dim=1)).to(received.dtype)
+
+
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, query: str, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head attention received by each key, (B, H, N), in float32 (float64 for float64 input).
 
@@ -158,10 +198,12 @@ def attention_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, scores, head_mean) as in :func:`pruneattn.ops.attention_stats`."""
     out, lse = sdpa_with_lse(q, k, v, scale)
-    if q.dtype not in (torch.float32, torch.float64):
-        # SDPA's half-precision kernel computes its logits differently: its log-sum-exp normalizes
-        # the float32 logits here only to ~1e-4 (measured at N = 130); softmax each chunk instead.
-        lse = None
-    a = received_attention(q, k, scale, query, lse)[:, :, num_prefix:]
-    score, mean = head_stats(a, stat)
+    heads = suspect_heads(q, k, lse)  # (0, 2) on finite inputs
+    # SDPA's half-precision kernel computes its logits differently: its log-sum-exp normalizes the
+    # float32 logits here only to ~1e-4 (measured at N = 130); softmax each chunk instead.
+    exact_lse = lse if q.dtype in (torch.float32, torch.float64) else None
+    a = received_attention(q, k, scale, query, exact_lse)
+    if heads.shape[0]:  # non-finite inputs: those heads as the reference computes them
+        recompute_heads(q, k, v, scale, query, heads, out, a)
+    score, mean = head_stats(a[:, :, num_prefix:], stat)
     return out, score.float(), mean.float()

@@ -7,7 +7,9 @@ runs the backend chosen by :func:`pruneattn.dispatch.backend_for`.
 Gradients: the attention output is differentiable in q, k, v. Its backward recomputes the attention
 with ``torch.nn.functional.scaled_dot_product_attention`` and differentiates that: PyTorch's tuned
 flash / memory-efficient backward kernels, no N x N tensor stored, and the forward saves nothing but
-q, k, v (a Triton backward would save one recompute of the forward; not written yet). Scores, the
+q, k, v (a Triton backward would save one recompute of the forward; not written yet). Under
+``create_graph=True`` (double backward, e.g. a gradient penalty) the backward is plain softmax
+attention instead, differentiable again. Scores, the
 head-mean weights and kept indices carry no gradient (the selection is a discrete choice). Kept and
 fused tokens are differentiable in ``x``; the fuse weights are treated as constants.
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from pruneattn import cpu, reference
 from pruneattn.dispatch import backend_for
-from pruneattn.validate import check_attention_inputs, check_select_inputs, num_kept
+from pruneattn.validate import check_attention_inputs, check_select_inputs, check_split_inputs, num_kept
 
 
 class AttentionStats(NamedTuple):
@@ -91,6 +93,20 @@ def _sdpa_backward(grad_out, q, k, v, scale):
         return torch.autograd.grad(out, (qd, kd, vd), grad_out)
 
 
+def _differentiable_backward(grad_out, q, k, v, scale):
+    """Gradients that are themselves differentiable (``create_graph=True``: double backward).
+
+    Plain softmax attention in float32 (float64 for float64 inputs), differentiated with the graph
+    kept: it builds the (B, H, N, N) weights, as any second-order attention gradient must, because
+    PyTorch's fused SDPA backward kernels have no derivative of their own.
+    """
+    ins = [t if t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v)]
+    acc = reference.compute_dtype(q)
+    attn = torch.softmax((ins[0].to(acc) @ ins[1].to(acc).transpose(-2, -1)) * scale, dim=-1)
+    out = (attn @ ins[2].to(acc)).to(q.dtype)
+    return torch.autograd.grad(out, ins, grad_out, create_graph=True)
+
+
 def _attention_setup(ctx, inputs, output):
     q, k, v, _stat, _query, _num_prefix, scale = inputs
     ctx.mark_non_differentiable(output[1], output[2])
@@ -102,7 +118,10 @@ def _attention_backward(ctx, grad_out, _grad_scores, _grad_head_mean):
     q, k, v = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 7
-    dq, dk, dv = _sdpa_backward(grad_out, q, k, v, ctx.scale)
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient needs a graph itself
+        dq, dk, dv = _differentiable_backward(grad_out, q, k, v, ctx.scale)
+    else:
+        dq, dk, dv = _sdpa_backward(grad_out, q, k, v, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -162,8 +181,7 @@ def attention_scores(
 
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views q, k, v (B, H, N, d) of a packed (B, N, 3 * H * d) projection, as timm lays it out."""
-    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv must be (B, N, 3 * num_heads * d), got {tuple(qkv.shape)} with {num_heads} heads")
+    check_split_inputs(qkv, num_heads)
     B, N, _ = qkv.shape
     return qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -215,7 +233,7 @@ def _select_backward(ctx, grad_kept, _grad_idx):
     index = kept_idx.unsqueeze(-1).expand(-1, -1, grad_x.shape[-1])
     grad_patches = grad_x[:, p:].scatter(1, index, grad_kept[:, p : p + k])
     if fuse_weights is not None:
-        w = reference.dropped_weights(fuse_weights, kept_idx)
+        w = reference.dropped_weights(fuse_weights, kept_idx, grad_kept.dtype)
         grad_patches = grad_patches + w.unsqueeze(-1).to(grad_kept.dtype) * grad_kept[:, -1:]
     grad_x[:, p:] = grad_patches
     return grad_x, None, None, None, None

@@ -115,6 +115,11 @@ def overlap_patches(
         new_k = (k, k)
     if stride > min(new_k):
         raise ValueError(f"stride {stride} > kernel {new_k}: pixels would be skipped")
+    if padding >= min(new_k):
+        raise ValueError(
+            f"padding {padding} >= kernel {new_k}: the border patches would cover only padding (zeros, "
+            "no image content); use a padding smaller than the kernel, e.g. (kernel - stride) // 2"
+        )
     old_grid = tuple(embed.grid_size)
     new_grid = _grid(embed.img_size, new_k, stride, padding)
     if min(new_grid) < 1:

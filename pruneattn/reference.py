@@ -1,8 +1,14 @@
 """Plain eager PyTorch reference: the executable form of ``docs/semantics.md``.
 
 Everything here materializes the full ``(B, H, N, N)`` attention matrix on purpose: it is the
-definition the fast paths are tested against, written to be read, not to be fast. Computations
-are done in the input dtype; tests call these functions on float64 inputs to get the truth.
+definition the fast paths are tested against, written to be read, not to be fast. The attention and
+the scores are computed in float32 (float64 for float64 inputs; tests call these functions on
+float64 inputs to get the truth); ``out`` is returned in q's dtype.
+
+Non-finite values follow IEEE arithmetic of that softmax (docs/semantics.md, "Non-finite values"):
+a NaN or +inf logit makes its whole attention row NaN, a -inf logit gets weight 0, NaN in v reaches
+the output columns it is in. Selection ranks NaN scores as -inf; the fused token is NaN when a
+dropped patch's weight is NaN or infinite.
 """
 from __future__ import annotations
 
@@ -26,10 +32,17 @@ __all__ = [
 ]
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, float32 for every other dtype."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Softmax attention weights ``A[b, h, i, j]`` of shape ``(B, H, N, N)``."""
+    """Softmax attention weights ``A[b, h, i, j]`` of shape ``(B, H, N, N)``, in float32 (float64
+    for float64 inputs) whatever the input dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    acc = compute_dtype(q)
+    return torch.softmax((q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale, dim=-1)
 
 
 def received_attention(attn: torch.Tensor, query: str = "cls") -> torch.Tensor:
@@ -67,12 +80,14 @@ def attention_stats(
     num_prefix: int = 1,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention output ``(B, H, N, d)``, float32 patch scores and float32 head-mean received
-    attention (the fuse weights), both ``(B, N - num_prefix)``."""
+    """Attention output ``(B, H, N, d)`` in q's dtype, float32 patch scores and float32 head-mean
+    received attention (the fuse weights), both ``(B, N - num_prefix)``; computed in float32 (float64
+    for float64 inputs)."""
     check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
     attn = attention_probs(q, k, scale)
     a = received_attention(attn, query)[:, :, num_prefix:]
-    return attn @ v, head_statistic(a, stat).float(), a.mean(dim=1).float()
+    out = (attn @ v.to(attn.dtype)).to(q.dtype)
+    return out, head_statistic(a, stat).float(), a.mean(dim=1).float()
 
 
 def attention_scores(
@@ -110,7 +125,8 @@ def select_tokens(
     ``(B, num_prefix + k [+ 1], C)``, ``kept_idx`` is ``(B, k)`` int64, ascending, indices among
     the patch tokens. In ``mode="fuse"`` one token is appended: the average of the dropped tokens
     weighted by ``fuse_weights`` (B, P) renormalized over the dropped ones (zeros if none dropped
-    or their weights sum to zero).
+    or their weights sum to zero; NaN if one of their weights is NaN or infinite). NaN scores rank
+    as -inf.
     """
     check_select_inputs(
         x, scores, keep_rate=keep_rate, k=k, num_prefix=num_prefix, mode=mode, fuse_weights=fuse_weights
@@ -119,12 +135,24 @@ def select_tokens(
     return select_k(x, scores, k, num_prefix, fuse_weights if mode == "fuse" else None)
 
 
-def dropped_weights(fuse_weights: torch.Tensor, kept_idx: torch.Tensor) -> torch.Tensor:
-    """``fuse_weights`` (B, P) zeroed at the kept patches and renormalized to sum 1 (0 if all zero)."""
-    acc = torch.float64 if fuse_weights.dtype == torch.float64 else torch.float32
+def dropped_weights(
+    fuse_weights: torch.Tensor, kept_idx: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``fuse_weights`` (B, P) zeroed at the kept patches and renormalized to sum 1 over the dropped ones.
+
+    All zero if the dropped weights are all zero (or nothing is dropped); all NaN if one of them is
+    NaN or infinite. Divided by their maximum first, so that a sum beyond the dtype's range neither
+    overflows nor loses the weights. Computed in ``dtype`` (float32 by default, float64 if either
+    the weights or ``dtype`` are float64).
+    """
+    acc = compute_dtype(fuse_weights)
+    if dtype is not None:
+        acc = torch.promote_types(acc, compute_dtype(torch.empty((), dtype=dtype)))
     w = fuse_weights.to(acc).scatter(1, kept_idx, 0.0)
-    total = w.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), 0.0)
+    top = w.amax(dim=1, keepdim=True)  # NaN if a dropped weight is NaN
+    w = w / torch.where(top > 0, top, 1.0)  # inf / inf = NaN: an infinite weight poisons the token
+    total = w.sum(dim=1, keepdim=True)  # in [1, P] when finite and top > 0
+    return torch.where(total == 0, 0.0, w / torch.where(total == 0, 1.0, total))
 
 
 def select_k(
@@ -132,7 +160,7 @@ def select_k(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection with ``k`` already decided; fuses the dropped patches if ``fuse_weights`` is given.
 
-    NaN scores (reachable only where the finiteness check is skipped) rank as -inf.
+    NaN scores rank as -inf: below every finite score, tied with -inf (ties go to the lower index).
     """
     scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     # A stable sort on descending score keeps equal scores in ascending index order.
@@ -142,7 +170,9 @@ def select_k(
     gathered = torch.gather(patches, 1, kept_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     parts = [x[:, :num_prefix], gathered]
     if fuse_weights is not None:
-        w = dropped_weights(fuse_weights, kept_idx)
-        acc = torch.promote_types(w.dtype, x.dtype)
-        parts.append((w.to(acc).unsqueeze(1) @ patches.to(acc)).to(x.dtype))
+        w = dropped_weights(fuse_weights, kept_idx, x.dtype)
+        kept_mask = torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_idx, True)
+        dropped = patches.to(w.dtype).masked_fill(kept_mask.unsqueeze(-1), 0.0)  # kept ones never enter
+        no_weight = (w == 0).all(dim=1).view(-1, 1, 1)  # zero token, even beside a NaN patch
+        parts.append((w.unsqueeze(1) @ dropped).masked_fill(no_weight, 0.0).to(x.dtype))
     return torch.cat(parts, dim=1), kept_idx

@@ -1,10 +1,10 @@
 """Argument checks shared by every path. Each raises before any work is done.
 
-Checks of tensor *values* (finite scores, non-negative fuse weights) read a result back to the host.
-They run on CPU tensors, where that costs nothing, and are skipped on GPU tensors (a sync per pruning
-block would stall the GPU and forbid CUDA graph capture) and under ``torch.compile``; see
-:func:`value_checks`. Where skipped, NaN scores rank below every finite score on every path, and NaN
-in q, k, v shows in the attention output itself.
+Ranks, shapes, dtypes, devices and options are always checked. Values are not: NaN and infinity
+follow one rule on every path (docs/semantics.md, "Non-finite values"), so a CPU and a GPU run give
+the same result. The one check of tensor *values*, non-negative fuse weights, reads a result back to
+the host: it runs where that costs nothing (CPU tensors, outside ``torch.compile`` and
+``torch.jit.trace``; see :func:`value_checks`).
 """
 from __future__ import annotations
 
@@ -40,17 +40,18 @@ def _tensor(name: str, t: object, ndim: int) -> torch.Tensor:
 
 
 def value_checks(t: torch.Tensor) -> bool:
-    """True where checking ``t``'s values needs no device sync: CPU tensors, outside torch.compile."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """True where checking ``t``'s values needs no device sync and records nothing: CPU tensors,
+    outside ``torch.compile`` and ``torch.jit.trace``."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError if ``t`` holds NaN or infinity (only where :func:`value_checks` allows)."""
-    if value_checks(t) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values; the ranking would be meaningless")
+def size(n: object) -> int:
+    """A tensor size as a Python int (``torch.jit.trace`` hands sizes out as 0-dim tensors)."""
+    return int(n)
 
 
 def check_num_prefix(num_prefix: object, num_tokens: int) -> None:
+    num_tokens = size(num_tokens)
     if not _is_int(num_prefix) or not 0 <= num_prefix < num_tokens:
         raise ValueError(
             f"num_prefix must be an int in [0, N) with N = {num_tokens} tokens, got {num_prefix!r}"
@@ -91,6 +92,21 @@ def check_attention_inputs(
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
+def check_split_inputs(qkv: object, num_heads: object) -> None:
+    """Validate the arguments of ``split_qkv``: a float (B, N, 3 * num_heads * d) tensor, num_heads >= 1."""
+    if not _is_int(num_heads):
+        raise TypeError(f"num_heads must be an int (the number of attention heads), got {num_heads!r}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    qkv = _tensor("qkv", qkv, 3)
+    width = qkv.shape[-1]
+    if width == 0 or width % (3 * num_heads):
+        raise ValueError(
+            f"qkv must be (B, N, 3 * num_heads * d): its last dim {width} is not divisible by "
+            f"3 * num_heads = {3 * num_heads}; pass the module's own num_heads"
+        )
+
+
 def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None = None) -> int:
     """Number of patches kept: ``k``, or ``ceil(keep_rate * num_patches)`` and at least 1.
 
@@ -98,6 +114,7 @@ def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None 
     """
     if (keep_rate is None) == (k is None):
         raise ValueError("give exactly one of keep_rate and k")
+    num_patches = size(num_patches)
     if k is not None:
         if not _is_int(k) or not 1 <= k <= num_patches:
             raise ValueError(f"k must be an int in [1, {num_patches}] (the patch count), got {k!r}")
@@ -124,7 +141,7 @@ def check_select_inputs(
     mode: str,
     fuse_weights: object,
 ) -> None:
-    """Validate the arguments of ``select_tokens`` (including finite scores and fuse weights)."""
+    """Validate the arguments of ``select_tokens`` (and, on CPU tensors, non-negative fuse weights)."""
     x = _tensor("x", x, 3)
     scores = _tensor("scores", scores, 2)
     check_num_prefix(num_prefix, x.shape[1])
@@ -149,8 +166,8 @@ def check_select_inputs(
             )
     elif fuse_weights is not None:
         raise ValueError("fuse_weights is only used with mode='fuse'")
-    check_finite("scores", scores)
-    if mode == "fuse":
-        check_finite("fuse_weights", fuse_weights)
-        if value_checks(fuse_weights) and bool((fuse_weights < 0).any()):
-            raise ValueError("fuse_weights must be non-negative")
+    if mode == "fuse" and value_checks(fuse_weights) and bool((fuse_weights < 0).any()):
+        raise ValueError(
+            "fuse_weights must be non-negative (they are averaging weights, e.g. "
+            "attention_stats(...).head_mean)"
+        )

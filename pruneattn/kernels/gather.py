@@ -2,7 +2,9 @@
 
 ``gather_kept`` copies the prefix tokens and the kept patches (any strides of x) into a new
 contiguous (B, num_prefix + k [+ 1], C) tensor; ``fuse_dropped`` writes the weighted average of the
-dropped patches into its last row, accumulating in float32.
+dropped patches into its last row, accumulating in float32 (float64 where x or the weights are
+float64). The weights are divided by the largest dropped one before they are summed, so that their
+sum cannot overflow; a NaN or infinite dropped weight makes the fused token NaN, as in the reference.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def _fuse_kernel(
     stride_xb, stride_xn, stride_xc,
     stride_ob, stride_on, stride_oc,
     C, P, num_prefix, out_row,
+    ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -49,22 +52,33 @@ def _fuse_kernel(
     b = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    # Pass 1: the largest dropped weight (P numbers), so that the sum below stays in range.
+    top = tl.zeros([BLOCK_P], dtype=ACC)
     for start_p in range(0, P, BLOCK_P):
         offs_p = start_p + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
         kept = tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1)
-        w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(tl.float32)
-        w = tl.where(kept == 0, w, 0.0)
+        w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(ACC)
+        top = tl.maximum(top, tl.where(kept == 0, w, 0.0))
+    top = tl.max(top, axis=0)
+    top = tl.where(top > 0, top, 1.0)  # inf stays: inf / inf = NaN poisons the token, as intended
+    # Pass 2: the weighted sum of the dropped rows and of their scaled weights.
+    acc = tl.zeros([BLOCK_C], dtype=ACC)
+    total = tl.zeros([BLOCK_P], dtype=ACC)
+    for start_p in range(0, P, BLOCK_P):
+        offs_p = start_p + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        kept = tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1)
+        w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(ACC)
+        w = tl.where(kept == 0, w, 0.0) / top
         rows = tl.load(
             X + b * stride_xb + (num_prefix + offs_p)[:, None] * stride_xn + offs_c[None, :] * stride_xc,
             mask=(p_ok & (kept == 0))[:, None] & c_ok[None, :], other=0.0,
-        ).to(tl.float32)
+        ).to(ACC)
         acc += tl.sum(w[:, None] * rows, axis=0)
         total += w
     wsum = tl.sum(total, axis=0)
-    fused = tl.where(wsum > 0, acc / tl.where(wsum > 0, wsum, 1.0), 0.0)
+    fused = tl.where(wsum == 0, 0.0, acc / tl.where(wsum == 0, 1.0, wsum))
     tl.store(Out + b * stride_ob + out_row * stride_on + offs_c * stride_oc, fused.to(Out.dtype.element_ty), mask=c_ok)
 
 
@@ -88,7 +102,8 @@ def fuse_dropped(
     B, N, C = x.shape
     P = N - num_prefix
     block_c = max(16, min(128, next_pow2(C)))
+    acc = tl.float64 if torch.float64 in (x.dtype, weights.dtype) else tl.float32
     _fuse_kernel[(triton.cdiv(C, block_c), B)](
         x, weights.contiguous(), keep_mask, out, *x.stride(), *out.stride(), C, P, num_prefix,
-        out.shape[1] - 1, BLOCK_P=32, BLOCK_C=block_c,
+        out.shape[1] - 1, ACC=acc, BLOCK_P=32, BLOCK_C=block_c,
     )

@@ -56,6 +56,7 @@ def _head_stats_kernel(
         med = _median_last(tl.where(h_ok[None, :], a, float("inf")), H, H_PAD)
         dev = tl.where(h_ok[None, :], tl.abs(a - med[:, None]), float("inf"))
         score = _median_last(dev, H, H_PAD)
+        score = tl.where(mean == mean, score, mean)  # NaN in a head gives NaN, as torch.quantile does
     else:
         score = mean
     tl.store(Scores + b * P + offs_j, score, mask=j_ok)

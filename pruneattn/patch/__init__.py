@@ -141,6 +141,8 @@ def patch(
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore every patched block of ``model`` to its original class, in place. Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pruneattn.unpatch expects a torch.nn.Module, got {type(model).__name__}")
     for block in _patched(model):
         block.__class__ = block._pruneattn.orig_class
         del block._pruneattn
@@ -153,7 +155,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
     """``{block index: (B, k) int64}``: the patches kept by each pruning block in the last forward
     pass, as indices into the ORIGINAL patch grid (row-major, 0 = first patch after the prefix),
-    ascending. Composed on the device, no host sync."""
+    ascending. Composed on the device, no host sync. Raises RuntimeError if the last forward pass
+    did not run every pruning block (it raised, or stopped early), rather than mixing two forwards."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pruneattn.kept_indices expects a torch.nn.Module, got {type(model).__name__}")
     configs = [m._pruneattn for m in _patched(model)]
     if not configs:
         raise ValueError(f"kept_indices: this {type(model).__name__} is not patched (call pruneattn.patch first)")

@@ -11,7 +11,7 @@ Fused token across several pruning blocks (``mode="fuse"``):
 - At the next pruning block the old fused token is merged into the new one: the new fused token is
   the average of the newly dropped patches *and* the old fused token, each weighted by its head-mean
   received attention in that block, renormalized. (Done in one selection call: the old fused token
-  joins the candidates with the lowest possible score, so it is always dropped.)
+  joins the candidates last, with score -inf, so it is always dropped, even beside NaN scores.)
 - A block with keep rate 1.0 drops nothing and passes every token through unchanged (no fused token
   is created there, an existing one is carried as is), so ``keep_rate=1.0`` reproduces the model.
 """
@@ -42,6 +42,10 @@ class PruneConfig:
     # block then keeps its tokens after the attention residual, before selection, in ``pre_select``.
     record: bool = field(repr=False, default=False)
     pre_select: torch.Tensor | None = field(repr=False, default=None)
+    # The later pruning blocks of the same model (set on the first one only): their ``kept_idx`` is
+    # cleared when this block selects, so that a forward that stops partway never leaves indices of
+    # two different forwards behind (no counter, nothing for torch.compile to guard on).
+    later: tuple[PruneConfig, ...] = field(repr=False, default=())
 
 
 def make_configs(
@@ -52,6 +56,7 @@ def make_configs(
     for layer, rate in sorted(zip(layers, keep_rates)):
         configs.append(PruneConfig(layer, rate, stat, query, mode, num_prefix, fused_in=fused))
         fused = fused or (mode == "fuse" and rate < 1)
+    configs[0].later = tuple(configs[1:])
     return configs
 
 
@@ -62,6 +67,8 @@ def attention(cfg: PruneConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> torch.Tensor:
     """Keep the prefix and the top-k patches of ``x`` (B, N, C) [+ the fused token]; record ``kept_idx``."""
+    for later in cfg.later:  # a new forward: the later blocks' indices are the previous forward's
+        later.kept_idx = None
     if cfg.record:
         cfg.pre_select = x
     B, N, _ = x.shape
@@ -72,12 +79,13 @@ def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> to
     k = num_kept(P, keep_rate=cfg.keep_rate)
     scores = stats.scores
     if cfg.fused_in:
-        # The old fused token (last) competes with the lowest possible score: always dropped, so it
-        # is merged into the new fused token with its own attention weight.
-        floor = scores.new_full((B, 1), torch.finfo(scores.dtype).min)
+        # The old fused token (last) competes with score -inf. NaN scores rank as -inf too and ties
+        # go to the lower index, so it loses to every patch, NaN ones included: always dropped, and
+        # merged into the new fused token with its own attention weight.
+        floor = scores.new_full((B, 1), float("-inf"))
         scores = torch.cat([scores[:, :P], floor], dim=1)
     fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
-    # On CUDA no value is read back (no sync); on CPU non-finite scores raise, as in the functional API.
+    # No value is read back (no sync): NaN scores follow the ranking rule on every device.
     kept, cfg.kept_idx = select_tokens(
         x, scores, k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=fuse_weights
     )
@@ -90,7 +98,13 @@ def compose_indices(configs: list[PruneConfig]) -> dict[int, torch.Tensor]:
     prev = None
     for cfg in sorted(configs, key=lambda c: c.layer):
         if cfg.kept_idx is None:
-            raise RuntimeError("kept_indices: run a forward pass of the patched model first")
+            if prev is None:
+                raise RuntimeError("kept_indices: run a forward pass of the patched model first")
+            raise RuntimeError(
+                f"kept_indices: the last forward pass did not finish (it raised or stopped before "
+                f"pruning block {cfg.layer}), so there are no indices of one whole forward; run a "
+                "complete forward pass first"
+            )
         idx = cfg.kept_idx if prev is None else prev.gather(1, cfg.kept_idx)
         out[cfg.layer] = prev = idx
     return out

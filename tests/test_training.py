@@ -150,7 +150,13 @@ def test_short_training_run_lowers_the_loss():
     assert (logits.argmax(1) == val_y).float().mean() > 0.8
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant, monkeypatch):
+    """The recompute runs the blocks again last to first: same gradients, and the kept indices of
+    the whole forward stay readable afterwards (the recompute must not mark them stale)."""
+    import timm.layers.config
+
+    monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", reentrant)
     model = tiny(depth=4).train()
     pruneattn.patch(model, keep_rate=0.5, layers=(1, 2), mode="fuse")
     x, y = batch()
@@ -161,5 +167,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.zero_grad(set_to_none=True)
         model.set_grad_checkpointing(True)
         F.cross_entropy(model(x), y).backward()
+    assert_grads_close(grads(model), plain, rtol=1e-6)
+    assert all(torch.equal(pruneattn.kept_indices(model)[i], kept[i]) for i in kept)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    torch.manual_seed(0)
+    config = DeiTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=128, num_labels=4,
+    )
+    model = DeiTForImageClassification(config).train()
+    pruneattn.patch(model, keep_rate=0.5, layers=(1, 2), mode="fuse")
+    x, y = batch()
+    with pruneattn.use_backend("cpu"):
+        F.cross_entropy(model(x).logits, y).backward()
+        plain = grads(model)
+        kept = pruneattn.kept_indices(model)
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        F.cross_entropy(model(x).logits, y).backward()
     assert_grads_close(grads(model), plain, rtol=1e-6)
     assert all(torch.equal(pruneattn.kept_indices(model)[i], kept[i]) for i in kept)

@@ -39,6 +39,16 @@ def _gather_kernel(
 
 
 @triton.jit
+def _dropped_weights(Weights, KeepMask, b, P, start_p, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One block of an image's weights, zero at the kept patches, and which patches are dropped."""
+    offs_p = start_p + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    dropped = (tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1) == 0) & p_ok
+    w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(ACC)
+    return tl.where(dropped, w, 0.0), dropped, offs_p
+
+
+@triton.jit
 def _fuse_kernel(
     X, Weights, KeepMask, Out,
     stride_xb, stride_xn, stride_xc,
@@ -55,25 +65,19 @@ def _fuse_kernel(
     # Pass 1: the largest dropped weight (P numbers), so that the sum below stays in range.
     top = tl.zeros([BLOCK_P], dtype=ACC)
     for start_p in range(0, P, BLOCK_P):
-        offs_p = start_p + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
-        kept = tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1)
-        w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(ACC)
-        top = tl.maximum(top, tl.where(kept == 0, w, 0.0))
+        w, _, _ = _dropped_weights(Weights, KeepMask, b, P, start_p, ACC, BLOCK_P)
+        top = tl.maximum(top, w)
     top = tl.max(top, axis=0)
     top = tl.where(top > 0, top, 1.0)  # inf stays: inf / inf = NaN poisons the token, as intended
     # Pass 2: the weighted sum of the dropped rows and of their scaled weights.
     acc = tl.zeros([BLOCK_C], dtype=ACC)
     total = tl.zeros([BLOCK_P], dtype=ACC)
     for start_p in range(0, P, BLOCK_P):
-        offs_p = start_p + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
-        kept = tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1)
-        w = tl.load(Weights + b * P + offs_p, mask=p_ok, other=0.0).to(ACC)
-        w = tl.where(kept == 0, w, 0.0) / top
+        w, dropped, offs_p = _dropped_weights(Weights, KeepMask, b, P, start_p, ACC, BLOCK_P)
+        w = w / top
         rows = tl.load(
             X + b * stride_xb + (num_prefix + offs_p)[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-            mask=(p_ok & (kept == 0))[:, None] & c_ok[None, :], other=0.0,
+            mask=dropped[:, None] & c_ok[None, :], other=0.0,
         ).to(ACC)
         acc += tl.sum(w[:, None] * rows, axis=0)
         total += w

@@ -65,10 +65,22 @@ def attention(cfg: PruneConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return attention_stats(q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale)
 
 
+def _recomputing() -> bool:
+    """True while the autograd engine runs this block again (activation checkpointing's recompute).
+
+    A recompute goes through the blocks last to first and selects exactly what the forward selected,
+    so it must not mark the later blocks' indices as stale.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 def prune_tokens(cfg: PruneConfig, x: torch.Tensor, stats: AttentionStats) -> torch.Tensor:
     """Keep the prefix and the top-k patches of ``x`` (B, N, C) [+ the fused token]; record ``kept_idx``."""
-    for later in cfg.later:  # a new forward: the later blocks' indices are the previous forward's
-        later.kept_idx = None
+    if not _recomputing():  # a new forward: the later blocks' indices are the previous forward's
+        for later in cfg.later:
+            later.kept_idx = None
     if cfg.record:
         cfg.pre_select = x
     B, N, _ = x.shape

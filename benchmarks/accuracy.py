@@ -14,6 +14,11 @@ attention of blocks 3 / 6 / 9:
   --part t   throughput only, every configuration interleaved round by round (best round kept).
   --part f   where the kept patches are: share of object (non-background) patches among the kept ones.
   --report   merge the parts' JSON into ``benchmarks/results/accuracy.md`` and ``accuracy.png``.
+  --report-heads  the same scores on models with other head counts (``--weights`` of a model trained
+             with ``--heads``; each model's parts in ``benchmarks/results/heads/h<heads>/``): the var - MAD
+             (and mean - var) gap against the number of heads, in ``heads/heads.md`` and ``heads.png``.
+             Gaps without fine-tuning carry a 95% interval from the paired per-image results (every
+             evaluation row stores which test images it got right).
 
 Parts b and c are long on a CPU (one fine-tuning is minutes); split them into shards that run side by
 side with ``--seed-list``, ``--stat-list`` (and ``--c-runs``, ``--no-zero-epoch`` for part c), each
@@ -31,6 +36,7 @@ batch 256): the whole pass, and the median over batches. On a shared machine it 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import statistics
@@ -43,6 +49,7 @@ import torch
 
 import pruneattn
 from pruneattn.fashion_mnist import datasets
+from pruneattn.fashion_mnist.demo import training_command
 from pruneattn.fashion_mnist.train import DEFAULT_WEIGHTS, evaluate, load_model, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,7 +127,19 @@ def run_eval(model, test, config, *, label: dict, device, progress=True) -> dict
     row = dict(label, top1=ev["top1"], n=ev["n"], images_per_s=round(ev["images_per_s"], 1),
                images_per_s_median=round(ev["images_per_s_median"], 1), tokens_per_block=toks)
     print(json.dumps(row), flush=True)
+    row["correct"] = pack_correct(ev["correct"])  # per image, for paired differences between rows
     return row
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """Which test images a row got right, as base64 of the packed bits (1,250 bytes for 10,000 images)."""
+    return base64.b64encode(np.packbits(correct.astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(row: dict) -> np.ndarray:
+    """The bool per test image that :func:`pack_correct` stored in ``row``."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(row["correct"]), dtype=np.uint8))
+    return bits[: row["n"]].astype(bool)
 
 
 def part_a(model, config, test, args) -> list[dict]:
@@ -460,6 +479,143 @@ def plot(parts, res: Path) -> None:
     print(f"wrote {res / 'accuracy.png'}")
 
 
+# ----------------------------------------------------------------------------- head-count report
+
+HEADS_RESULTS = RESULTS / "heads"
+
+
+def _paired_gap(a: dict, b: dict) -> tuple[float, float]:
+    """Top-1 of row ``a`` minus row ``b`` on the same test images, in points, and its 95% half-width
+    (1.96 standard errors of the per-image difference: the two rows are paired)."""
+    d = unpack_correct(a).astype(float) - unpack_correct(b).astype(float)
+    return 100 * d.mean(), 100 * 1.96 * d.std(ddof=1) / math.sqrt(len(d))
+
+
+def _heads_parts(folder: Path) -> tuple[int, dict]:
+    """(number of heads, {part: loaded}) of one head-count folder; parts it lacks are read from the
+    results folder two levels up (``benchmarks/results/``) when they are results of the same weights
+    (the shipped model's table)."""
+    if not (folder / "accuracy_a.json").exists():
+        raise SystemExit(f"{folder}: no accuracy_a.json (run --part a with --out {folder}/accuracy_a.json)")
+    parts = {p: v for p in "abf" if (v := _load_part(folder, p)) is not None}
+    weights = parts["a"]["meta"]["weights"]
+    for p in "bf":
+        main = _load_part(folder.parent.parent, p)
+        if p not in parts and main is not None and main["meta"]["weights"] == weights:
+            parts[p] = main
+    return int(parts["a"]["meta"]["config"]["num_heads"]), parts
+
+
+def report_heads(args) -> None:
+    """``heads.md`` / ``heads.png``: the var - MAD (and mean) gap against the number of heads."""
+    res = Path(args.heads_results)
+    folders = sorted(p for p in res.iterdir() if p.is_dir() and (p / "accuracy_a.json").exists())
+    models = dict(sorted(_heads_parts(f) for f in folders))
+    lines = ["# Fashion-MNIST: does MAD score as well as variance with more heads?", "",
+             "Models of the shipped recipe (12 blocks, MLP ratio 2, patch 7 on the 56 x 56 canvas, "
+             "`python -m pruneattn.fashion_mnist.train`), one per head count; pruning after the attention of "
+             "blocks 3 / 6 / 9, full test set, CPU. Without fine-tuning the scores are deterministic: the "
+             "± after a difference is the 95% interval of the paired per-image difference on the 10,000 test "
+             "images (how much another test set of this size could move it). After fine-tuning: mean ± "
+             "sample std over seeds.", "",
+             "| heads | width | head dim | parameters | training | unpruned top-1 | weights |", "|---|---|---|---|---|---|---|"]
+    for h, parts in models.items():
+        meta = parts["a"]["meta"]
+        cfg, mm = meta["config"], meta.get("model_meta", {})
+        base = next(r for r in parts["a"]["rows"] if r["stat"] == "none")
+        lines.append(f"| {h} | {cfg['embed_dim']} | {cfg['embed_dim'] // h} | {meta.get('parameters', '?')} | "
+                     f"{mm.get('steps', '?')} steps, {mm.get('train_seconds', float('nan')) / 60:.0f} min | "
+                     f"**{100 * base['top1']:.2f}%** | `{meta['weights']}` |")
+    lines += ["", "Trained with:", "", "```",
+              *[training_command(parts["a"]["meta"].get("model_meta", {})) for parts in models.values()], "```"]
+    lines += ["", "## No fine-tuning", "",
+              "| mode | keep | heads | var | mad | mean | random (3 seeds) | mad - var | mean - var |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    gaps: dict = {}
+    for mode in ("drop", "fuse"):
+        for keep in KEEP_RATES[1:]:
+            for h, parts in models.items():
+                rows = [r for r in parts["a"]["rows"] if r["keep"] == keep and r["mode"] == mode]
+                by = {s: [r for r in rows if r["stat"] == s] for s in STATS + ("random",)}
+                if not all(by.values()):
+                    continue
+                mad, mean = _paired_gap(by["mad"][0], by["var"][0]), _paired_gap(by["mean"][0], by["var"][0])
+                gaps[mode, keep, h] = mad, mean
+                cells = [_fmt_acc([r["top1"] for r in by[s]]) for s in STATS + ("random",)]
+                lines.append(f"| {mode} | {keep} | {h} | " + " | ".join(cells) +
+                             f" | {mad[0]:+.2f} ± {mad[1]:.2f} | {mean[0]:+.2f} ± {mean[1]:.2f} |")
+    lines += ["", "## After fine-tuning with pruning on (keep 0.5, drop)", "",
+              "| heads | fine-tuning | unpruned control | var | mad | mean | mad - var |", "|---|---|---|---|---|---|---|"]
+    tuned: dict = {}
+    for h, parts in models.items():
+        if "b" not in parts:
+            lines.append(f"| {h} | not run | | | | | |")
+            continue
+        acc = {s: [100 * r["top1"] for r in parts["b"]["rows"] if r["stat"] == s] for s in ("none",) + STATS}
+        cells = [_fmt_acc([v / 100 for v in acc[s]]) if acc[s] else "-" for s in ("none",) + STATS]
+        gap = "-"
+        if len(acc["var"]) > 1 and len(acc["mad"]) > 1:
+            diff = statistics.mean(acc["mad"]) - statistics.mean(acc["var"])
+            spread = math.sqrt(statistics.variance(acc["mad"]) / len(acc["mad"])
+                               + statistics.variance(acc["var"]) / len(acc["var"]))
+            tuned[h] = diff, spread
+            gap = f"{diff:+.2f} ± {spread:.2f}"
+        lines.append(f"| {h} | {parts['b']['meta'].get('ft')} | " + " | ".join(cells) + f" | {gap} |")
+    lines += ["", "(mad - var after fine-tuning: difference of the seed means ± its standard error.)", "",
+              "## Which patches are kept: share of object patches (keep 0.7, drop, no fine-tuning)", "",
+              "| heads | score | " + " | ".join(f"after block {b}" for b in LAYERS) + " |",
+              "|---|---|" + "---|" * len(LAYERS)]
+    for h, parts in models.items():
+        if "f" not in parts:
+            continue
+        for (stat,), g in _group([r for r in parts["f"]["rows"] if r["block"] is not None], ["stat"]).items():
+            by = {r["block"]: r for r in g}
+            lines.append(f"| {h} | {stat} | " + " | ".join(f"{100 * by[b]['object_share']:.1f}%" for b in LAYERS) + " |")
+    commands = [c for parts in models.values() for p in parts.values() for c in p["meta"]["commands"]]
+    lines += ["", "Evaluated with:", "", "```", *dict.fromkeys(commands), "```"]
+    (res / "heads.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_heads(gaps, tuned, sorted(models), res / "heads.png")
+
+
+def plot_heads(gaps: dict, tuned: dict, heads: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, mode in zip(axes, ("drop", "fuse")):
+        for i, keep in enumerate(KEEP_RATES[1:]):
+            hs = [h for h in heads if (mode, keep, h) in gaps]
+            for j, (name, style) in enumerate((("mad - var", "-"), ("mean - var", "--"))):
+                gap = [gaps[mode, keep, h][j] for h in hs]  # (difference, 95% half-width) per head count
+                ax.errorbar([h * (1 + 0.02 * (i - 1.5)) for h in hs], [g[0] for g in gap], yerr=[g[1] for g in gap],
+                            color=f"C{i}", linestyle=style, marker="o" if j == 0 else "s", capsize=3,
+                            label=f"{name}, keep {keep}")
+        if mode == "drop" and tuned:
+            hs = sorted(tuned)
+            ax.errorbar(hs, [tuned[h][0] for h in hs], yerr=[tuned[h][1] for h in hs], color="k", marker="*",
+                        markersize=11, capsize=3, label="mad - var after fine-tuning (keep 0.5, seeds)")
+        ax.axhline(0, color="k", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(heads, [str(h) for h in heads])
+        ax.minorticks_off()
+        ax.set_xlabel("heads")
+        ax.set_title(f"mode = {mode}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 difference (points), 95% interval")
+    axes[1].legend(fontsize=7, loc="lower right", ncol=2)
+    tuned_legend = [(hd, lab) for hd, lab in zip(*axes[0].get_legend_handles_labels()) if "fine-tuning" in lab]
+    if tuned_legend:
+        axes[0].legend(*zip(*tuned_legend), fontsize=7, loc="lower left")
+    fig.suptitle("Fashion-MNIST, pruning at blocks 3/6/9: MAD and mean scores against variance, by number of heads",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["a", "b", "c", "t", "f"])
@@ -468,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t-rounds", type=int, default=5, help="part t: interleaved rounds (best kept)")
     p.add_argument("--t-iters", type=int, default=2, help="part t: batches per configuration per round")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--report-heads", action="store_true",
+                   help="the var - MAD gap against the number of heads, from --heads-results")
+    p.add_argument("--heads-results", default=str(HEADS_RESULTS),
+                   help="folder with one subfolder of part results per model (default: %(default)s)")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (parts b, c)")
@@ -492,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report(args)
         return 0
+    if args.report_heads:
+        report_heads(args)
+        return 0
     if args.part is None:
         p.error("give --part a|b|c or --report")
     torch.manual_seed(0)
@@ -512,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         fn = part_b if args.part == "b" else part_c
         rows = fn(args.weights, config, train_data, test, args)
     meta = {"weights": str(Path(args.weights).name), "model_meta": ckpt.get("meta", {}), "n_test": len(test[1]),
+            "config": config, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
             "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.time() - t0), "ft": None if args.part == "a" else

@@ -84,3 +84,38 @@ def test_unknown_shard_choices_are_refused(accuracy, tmp_path):
     with pytest.raises(SystemExit, match="wide.*not among"):
         accuracy.main(["--part", "c", "--c-runs", "overlap,wide", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_head_count_report_pairs_the_rows_of_each_model(accuracy, tmp_path):
+    """Part a of two models with different head counts, then --report-heads: the gaps are the rows'
+    top-1 differences, their intervals come from the per-image results, and each model is listed."""
+    from pruneattn.fashion_mnist.train import DEFAULT_CONFIG, build_model, save_checkpoint
+
+    heads = tmp_path / "heads"
+    config = dict(DEFAULT_CONFIG, embed_dim=96, num_heads=6)
+    torch.manual_seed(0)
+    save_checkpoint(build_model(config), config, tmp_path / "h6.pt", meta={"steps": 7, "train_seconds": 60.0})
+    for name, weights in (("h4", []), ("h6", ["--weights", str(tmp_path / "h6.pt")])):
+        argv = ["--part", "a", "--test-limit", "40", "--random-seeds", "2", *weights]
+        assert accuracy.main([*argv, "--out", str(heads / name / "accuracy_a.json")]) == 0
+    assert accuracy.main(["--report-heads", "--heads-results", str(heads)]) == 0
+    md = (heads / "heads.md").read_text()
+    assert (heads / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 6 | 96 | 16 |" in md and "| 4 | 128 | 32 |" in md
+    rows = json.loads((heads / "h6" / "accuracy_a.json").read_text())["rows"]
+    by = {r["stat"]: r for r in rows if r["keep"] == 0.5 and r["mode"] == "fuse"}
+    assert all(accuracy.unpack_correct(r).sum() == round(r["top1"] * 40) for r in rows)
+    right = {s: accuracy.unpack_correct(by[s]).astype(float) for s in ("var", "mad")}
+    d = right["mad"] - right["var"]
+    half = 100 * 1.96 * d.std(ddof=1) / np.sqrt(40)
+    gap = f"{100 * (by['mad']['top1'] - by['var']['top1']):+.2f} ± {half:.2f}"
+    line = next(s for s in md.splitlines() if s.startswith("| fuse | 0.5 | 6 |"))
+    assert gap in line, (gap, line)
+    assert "| 6 | not run |" in md  # no fine-tuning results for the 6-head model
+
+
+def test_head_count_report_needs_part_a(accuracy, tmp_path):
+    (tmp_path / "heads" / "h6").mkdir(parents=True)
+    (tmp_path / "heads" / "h6" / "accuracy_f.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no accuracy_a.json"):
+        accuracy._heads_parts(tmp_path / "heads" / "h6")

@@ -194,3 +194,26 @@ def test_shipped_model_on_a_slice_of_real_data():
             pruned = evaluate(model, images, labels, config=cfg)
             assert pruned["top1"] > base["top1"] - 0.15, (stat, base, pruned)
             pruneattn.unpatch(model)
+
+
+def test_training_command_builds_the_asked_head_count(tmp_path, monkeypatch):
+    """``--embed-dim`` / ``--heads`` reach the model and its checkpoint; a head count that does not divide
+    the width is refused before any data is read."""
+    from pruneattn.fashion_mnist import train as train_cli
+
+    images, labels = datasets.load_sample()
+    for split in ("train", "t10k"):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images, 0x08, True)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), 0x08, True)
+    monkeypatch.setenv("PRUNEATTN_FASHION_MNIST", str(tmp_path))
+    out = tmp_path / "h6.pt"
+    argv = ["--epochs", "0.25", "--batch-size", "16", "--warmup", "1", "--embed-dim", "48", "--heads", "6",
+            "--threads", "1", "--out", str(out)]
+    assert train_cli.main(argv) == 0
+    model, ckpt = load_model(out)
+    assert ckpt["config"]["num_heads"] == 6 and ckpt["config"]["embed_dim"] == 48
+    assert model.blocks[0].attn.num_heads == 6 and model.blocks[0].attn.head_dim == 8
+    assert ckpt["meta"]["steps"] == 1
+    with pytest.raises(SystemExit):
+        train_cli.main(["--heads", "5", "--out", str(tmp_path / "bad.pt")])
+    assert not (tmp_path / "bad.pt").exists()

@@ -159,7 +159,8 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
 ) -> dict:
-    """Top-1 accuracy and images/s (model forward only, data preparation excluded) on the test view (canvas seed 0)."""
+    """Top-1 accuracy, which images were right (``correct``, bool per image) and images/s (model forward only,
+    data preparation excluded) on the test view (canvas seed 0)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -167,7 +168,7 @@ def evaluate(
     indices = np.arange(len(images)) if indices is None else np.asarray(indices)
     view = view_of(images, indices, config, TEST_SEED)
     labels_t = torch.as_tensor(labels, dtype=torch.int64)
-    correct, seconds, rates = 0, 0.0, []
+    right, seconds, rates = [], 0.0, []
     for x, y in tqdm(list(datasets.batches(view, labels_t, batch_size)), desc=desc, disable=not progress,
                      leave=False, dynamic_ncols=True):
         x = x.to(device)
@@ -181,10 +182,11 @@ def evaluate(
         seconds += dt
         if x.shape[0] == batch_size:
             rates.append(batch_size / dt)
-        correct += int((pred.cpu() == y).sum())
+        right.append((pred.cpu() == y).numpy())
+    correct = np.concatenate(right) if right else np.zeros(0, dtype=bool)
     n = len(labels_t)
     # images/s over the whole pass, and the median over full batches (less sensitive to a busy machine).
-    return {"top1": correct / n, "n": n, "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    return {"top1": int(correct.sum()) / n, "correct": correct, "n": n, "images_per_s": n / seconds if seconds > 0 else float("nan"),
             "images_per_s_median": float(np.median(rates)) if rates else float("nan"), "seconds": seconds}
 
 
@@ -198,10 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--embed-dim", type=int, default=DEFAULT_CONFIG["embed_dim"],
+                   help="model width (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=DEFAULT_CONFIG["num_heads"],
+                   help="attention heads; must divide the width (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--log", default="", help="also append progress lines to this file")
     args = p.parse_args(argv)
+    if args.heads < 1 or args.embed_dim < 1 or args.embed_dim % args.heads:
+        p.error(f"--heads {args.heads} must be positive and divide --embed-dim {args.embed_dim}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(msg + "\n")
 
     torch.manual_seed(args.seed)
-    config = dict(DEFAULT_CONFIG)
+    config = dict(DEFAULT_CONFIG, embed_dim=args.embed_dim, num_heads=args.heads)
     images, labels = datasets.load_fashion_mnist("train")
     if args.train_subset:
         images, labels = images[: args.train_subset], labels[: args.train_subset]

@@ -62,15 +62,18 @@ STATS = ("var", "mad", "mean")
 
 
 def _random_block_class():
-    from pruneattn.patch.timm import PrunedBlock
+    from pruneattn.patch.prune import prune_tokens
+    from pruneattn.patch.timm import PrunedBlock, _attend
 
     class RandomScoreBlock(PrunedBlock):
-        """Patched timm block whose patch scores are uniform random numbers (seeded)."""
+        """Patched timm block whose patch scores are uniform random numbers (seeded); otherwise the
+        forward of ``PrunedBlock``."""
 
-        def _attention(self, x):
-            y, stats = super()._attention(x)
+        def forward(self, x, attn_mask=None, is_causal=False):
+            y, stats = _attend(self._pruneattn, self.attn, self.norm1(x))
             r = torch.rand(stats.scores.shape, generator=self._random_gen, dtype=torch.float32)
-            return y, stats._replace(scores=r.to(stats.scores.device))
+            x = prune_tokens(self._pruneattn, x + self.drop_path1(self.ls1(y)), stats._replace(scores=r.to(x.device)))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     return RandomScoreBlock
 
@@ -143,15 +146,16 @@ def unpack_correct(row: dict) -> np.ndarray:
 
 
 def part_a(model, config, test, args) -> list[dict]:
+    stats, keeps = _stats(args, STATS + ("random",)), _keeps(args)
     rows = [run_eval(unpatch_model(model), test, config, device=args.device,
                      label=dict(part="a", stat="none", mode="-", keep=1.0, seed=None))]
-    for keep in KEEP_RATES:
+    for keep in keeps:
         for mode in ("drop", "fuse"):
             if keep == 1.0 and mode == "fuse":
                 continue  # identical to drop at keep 1.0 (nothing is dropped)
             # keep 1.0 drops nothing, so every score gives the unpruned accuracy; run var only (its images/s
             # shows the cost of scoring inside the patched blocks).
-            for stat in ("var",) if keep == 1.0 else STATS + ("random",):
+            for stat in ("var",) if keep == 1.0 else stats:
                 seeds = range(args.random_seeds) if stat == "random" else [None]
                 for seed in seeds:
                     patch_model(model, keep_rate=keep, stat=stat, mode=mode, seed=seed or 0)
@@ -190,6 +194,16 @@ def _stats(args, default: tuple[str, ...]) -> tuple[str, ...]:
     unknown = set(chosen) - set(default)
     if unknown:
         raise SystemExit(f"--stat-list: {sorted(unknown)} not among {default}")
+    return chosen
+
+
+def _keeps(args) -> tuple[float, ...]:
+    if not args.keep_list:
+        return KEEP_RATES
+    chosen = tuple(float(k) for k in args.keep_list.split(","))
+    unknown = set(chosen) - set(KEEP_RATES)
+    if unknown:
+        raise SystemExit(f"--keep-list: {sorted(unknown)} not among {KEEP_RATES}")
     return chosen
 
 
@@ -537,11 +551,11 @@ def report_heads(args) -> None:
             for h, parts in models.items():
                 rows = [r for r in parts["a"]["rows"] if r["keep"] == keep and r["mode"] == mode]
                 by = {s: [r for r in rows if r["stat"] == s] for s in STATS + ("random",)}
-                if not all(by.values()):
+                if not all(by[s] for s in STATS):
                     continue
                 mad, mean = _paired_gap(by["mad"][0], by["var"][0]), _paired_gap(by["mean"][0], by["var"][0])
                 gaps[mode, keep, h] = mad, mean
-                cells = [_fmt_acc([r["top1"] for r in by[s]]) for s in STATS + ("random",)]
+                cells = [_fmt_acc([r["top1"] for r in by[s]]) if by[s] else "-" for s in STATS + ("random",)]
                 lines.append(f"| {mode} | {keep} | {h} | " + " | ".join(cells) +
                              f" | {mad[0]:+.2f} ± {mad[1]:.2f} | {mean[0]:+.2f} ± {mean[1]:.2f} |")
     lines += ["", "## After fine-tuning with pruning on (keep 0.5, drop)", "",
@@ -632,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (parts b, c)")
     p.add_argument("--seed-list", default="", help="parts b, c: run only these seeds, e.g. 0,2 (a shard)")
-    p.add_argument("--stat-list", default="", help="parts b, c: run only these stats, e.g. none,var (a shard)")
+    p.add_argument("--stat-list", default="",
+                   help="parts a, b, c: run only these stats, e.g. none,var (a shard; part a: no 'none')")
+    p.add_argument("--keep-list", default="", help="part a: run only these keep rates, e.g. 0.7,0.5")
     p.add_argument("--no-zero-epoch", action="store_true", help="part c: skip the evaluations before fine-tuning")
     p.add_argument("--c-runs", default="overlap,plain",
                    help="part c: which fine-tunings, comma list of 'overlap' (overlapping embedding, keep 0.5) "

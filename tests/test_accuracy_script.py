@@ -81,6 +81,10 @@ def test_unknown_shard_choices_are_refused(accuracy, tmp_path):
         accuracy.main(["--part", "b", "--stat-list", "var,entropy", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="mean.*not among"):  # part c compares var and mad only
         accuracy.main(["--part", "c", "--stat-list", "mean", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="0.6.*not among"):
+        accuracy.main(["--part", "a", "--keep-list", "0.7,0.6", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="none.*not among"):  # part a always runs the unpruned model once
+        accuracy.main(["--part", "a", "--stat-list", "none", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="wide.*not among"):
         accuracy.main(["--part", "c", "--c-runs", "overlap,wide", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
@@ -96,7 +100,7 @@ def test_head_count_report_pairs_the_rows_of_each_model(accuracy, tmp_path):
     torch.manual_seed(0)
     save_checkpoint(build_model(config), config, tmp_path / "h6.pt", meta={"steps": 7, "train_seconds": 60.0})
     for name, weights in (("h4", []), ("h6", ["--weights", str(tmp_path / "h6.pt")])):
-        argv = ["--part", "a", "--test-limit", "40", "--random-seeds", "2", *weights]
+        argv = ["--part", "a", "--test-limit", "40", "--stat-list", "var,mad,mean", "--keep-list", "0.5", *weights]
         assert accuracy.main([*argv, "--out", str(heads / name / "accuracy_a.json")]) == 0
     assert accuracy.main(["--report-heads", "--heads-results", str(heads)]) == 0
     md = (heads / "heads.md").read_text()
@@ -112,6 +116,8 @@ def test_head_count_report_pairs_the_rows_of_each_model(accuracy, tmp_path):
     line = next(s for s in md.splitlines() if s.startswith("| fuse | 0.5 | 6 |"))
     assert gap in line, (gap, line)
     assert "| 6 | not run |" in md  # no fine-tuning results for the 6-head model
+    assert {(r["stat"], r["keep"]) for r in rows} == {("none", 1.0), ("var", 0.5), ("mad", 0.5), ("mean", 0.5)}
+    assert line.split(" | ")[6] == "-"  # the random column, not run
 
 
 def test_head_count_report_needs_part_a(accuracy, tmp_path):
@@ -119,3 +125,25 @@ def test_head_count_report_needs_part_a(accuracy, tmp_path):
     (tmp_path / "heads" / "h6" / "accuracy_f.json").write_text("{}")
     with pytest.raises(SystemExit, match="no accuracy_a.json"):
         accuracy._heads_parts(tmp_path / "heads" / "h6")
+
+
+def test_random_control_keeps_a_seeded_random_subset(accuracy):
+    """The control's scores really are random: it keeps other patches than the mean score it is patched
+    with, a seed gives the same patches again, and the kept patches are spread over the whole grid."""
+    from pruneattn.fashion_mnist.train import load_model
+
+    model, ckpt = load_model()
+    images, _ = datasets.load_sample()
+    x = datasets.normalize(datasets.make_view(images, np.arange(len(images)), canvas=ckpt["config"]["canvas"], seed=0))
+
+    def kept(stat, seed=0):
+        accuracy.patch_model(model, keep_rate=0.5, stat=stat, seed=seed)
+        with torch.no_grad():
+            model(x)
+        return pruneattn.kept_indices(model)[3]
+
+    mean, r0, r0_again, r1 = kept("mean"), kept("random", 0), kept("random", 0), kept("random", 1)
+    assert torch.equal(r0, r0_again) and not torch.equal(r0, r1)
+    overlap = (mean.unsqueeze(2) == r0.unsqueeze(1)).any(2).float().mean()
+    assert overlap < 0.8, float(overlap)  # mean and random share about half of the kept patches by chance
+    accuracy.unpatch_model(model)

@@ -537,14 +537,16 @@ def report_heads(args) -> None:
         meta = parts["a"]["meta"]
         cfg, mm = meta["config"], meta.get("model_meta", {})
         base = next(r for r in parts["a"]["rows"] if r["stat"] == "none")
-        lines.append(f"| {h} | {cfg['embed_dim']} | {cfg['embed_dim'] // h} | {meta.get('parameters', '?')} | "
+        params = f"{meta['parameters'] / 1e6:.2f} M" if "parameters" in meta else "?"
+        lines.append(f"| {h} | {cfg['embed_dim']} | {cfg['embed_dim'] // h} | {params} | "
                      f"{mm.get('steps', '?')} steps, {mm.get('train_seconds', float('nan')) / 60:.0f} min | "
                      f"**{100 * base['top1']:.2f}%** | `{meta['weights']}` |")
     lines += ["", "Trained with:", "", "```",
               *[training_command(parts["a"]["meta"].get("model_meta", {})) for parts in models.values()], "```"]
+    scores = STATS + (("random",) if any(r["stat"] == "random" for p in models.values() for r in p["a"]["rows"]) else ())
     lines += ["", "## No fine-tuning", "",
-              "| mode | keep | heads | var | mad | mean | random (3 seeds) | mad - var | mean - var |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| mode | keep | heads | " + " | ".join(scores) + " | mad - var | mean - var |",
+              "|---|---|---|" + "---|" * (len(scores) + 2)]
     gaps: dict = {}
     for mode in ("drop", "fuse"):
         for keep in KEEP_RATES[1:]:
@@ -555,7 +557,7 @@ def report_heads(args) -> None:
                     continue
                 mad, mean = _paired_gap(by["mad"][0], by["var"][0]), _paired_gap(by["mean"][0], by["var"][0])
                 gaps[mode, keep, h] = mad, mean
-                cells = [_fmt_acc([r["top1"] for r in by[s]]) if by[s] else "-" for s in STATS + ("random",)]
+                cells = [_fmt_acc([r["top1"] for r in by[s]]) if by[s] else "-" for s in scores]
                 lines.append(f"| {mode} | {keep} | {h} | " + " | ".join(cells) +
                              f" | {mad[0]:+.2f} ± {mad[1]:.2f} | {mean[0]:+.2f} ± {mean[1]:.2f} |")
     lines += ["", "## After fine-tuning with pruning on (keep 0.5, drop)", "",
@@ -598,10 +600,12 @@ def plot_heads(gaps: dict, tuned: dict, heads: list[int], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
     for ax, mode in zip(axes, ("drop", "fuse")):
         for i, keep in enumerate(KEEP_RATES[1:]):
             hs = [h for h in heads if (mode, keep, h) in gaps]
+            if not hs:
+                continue
             for j, (name, style) in enumerate((("mad - var", "-"), ("mean - var", "--"))):
                 gap = [gaps[mode, keep, h][j] for h in hs]  # (difference, 95% half-width) per head count
                 ax.errorbar([h * (1 + 0.02 * (i - 1.5)) for h in hs], [g[0] for g in gap], yerr=[g[1] for g in gap],
@@ -619,13 +623,13 @@ def plot_heads(gaps: dict, tuned: dict, heads: list[int], out: Path) -> None:
         ax.set_title(f"mode = {mode}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 difference (points), 95% interval")
-    axes[1].legend(fontsize=7, loc="lower right", ncol=2)
+    fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3)
     tuned_legend = [(hd, lab) for hd, lab in zip(*axes[0].get_legend_handles_labels()) if "fine-tuning" in lab]
     if tuned_legend:
         axes[0].legend(*zip(*tuned_legend), fontsize=7, loc="lower left")
     fig.suptitle("Fashion-MNIST, pruning at blocks 3/6/9: MAD and mean scores against variance, by number of heads",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 

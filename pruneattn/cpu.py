@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pruneattn.reference import head_statistic
+from pruneattn.reference import compute_dtype, head_statistic
 
 QUERY_CHUNK = 128  # queries per chunk (at least d + 1, see column_mean)
 # Numbers in the per-chunk buffer (gb * nh, c, N): 512 Ki float32 = 2 MiB, 1 MiB per thread at 2
@@ -36,10 +36,6 @@ QUERY_CHUNK = 128  # queries per chunk (at least d + 1, see column_mean)
 CHUNK_ELEMENTS = 1 << 19
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def sdpa_with_lse(
@@ -66,7 +62,7 @@ def class_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     K-sized temporary, fresh pages every call); ``q_0 @ k^T`` copies K (``matmul`` cannot fold the
     (B, H) dims of a packed view); a block-diagonal (B, H * d, H) bmm is a skinny GEMM (0.46 ms alone).
     """
-    acc = _acc_dtype(q)
+    acc = compute_dtype(q.dtype)
     B, H = q.shape[:2]
     if B < H:  # loop over the smaller of B and H (batch 1: one bmm over the heads)
         rows = [torch.bmm(q[b, :, :1].to(acc), k[b].transpose(-2, -1).to(acc)) for b in range(B)]
@@ -104,7 +100,7 @@ def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scal
     Without ``lse`` (None) each chunk's rows are softmaxed instead (every chunk holds whole rows).
     """
     B, H, N, d = q.shape
-    acc = _acc_dtype(q)
+    acc = compute_dtype(q.dtype)
     c = min(N, max(QUERY_CHUNK, d + 1))
     per_head = c * N
     if H * per_head <= CHUNK_ELEMENTS:
@@ -172,7 +168,7 @@ def recompute_heads(
 ) -> None:
     """Overwrite ``out`` (B, H, N, d) and ``received`` (B, H, N) at ``heads`` (M, 2) with the
     reference's plain softmax attention, a few heads at a time (each builds an N x N matrix)."""
-    acc = _acc_dtype(q)
+    acc = compute_dtype(q.dtype)
     N = q.shape[2]
     step = max(1, CHUNK_ELEMENTS // (N * N))
     for s in range(0, heads.shape[0], step):

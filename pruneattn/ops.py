@@ -101,7 +101,7 @@ def _differentiable_backward(grad_out, q, k, v, scale):
     PyTorch's fused SDPA backward kernels have no derivative of their own.
     """
     ins = [t if t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v)]
-    acc = reference.compute_dtype(q)
+    acc = reference.compute_dtype(q.dtype)
     attn = torch.softmax((ins[0].to(acc) @ ins[1].to(acc).transpose(-2, -1)) * scale, dim=-1)
     out = (attn @ ins[2].to(acc)).to(q.dtype)
     return torch.autograd.grad(out, ins, grad_out, create_graph=True)

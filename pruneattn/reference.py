@@ -32,16 +32,16 @@ __all__ = [
 ]
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 for float64 tensors, float32 for every other dtype."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype every path computes in: float64 if one of ``dtypes`` is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Softmax attention weights ``A[b, h, i, j]`` of shape ``(B, H, N, N)``, in float32 (float64
     for float64 inputs) whatever the input dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = compute_dtype(q)
+    acc = compute_dtype(q.dtype)
     return torch.softmax((q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale, dim=-1)
 
 
@@ -145,9 +145,7 @@ def dropped_weights(
     overflows nor loses the weights. Computed in ``dtype`` (float32 by default, float64 if either
     the weights or ``dtype`` are float64).
     """
-    acc = compute_dtype(fuse_weights)
-    if dtype is not None:
-        acc = torch.promote_types(acc, compute_dtype(torch.empty((), dtype=dtype)))
+    acc = compute_dtype(fuse_weights.dtype, dtype)
     w = fuse_weights.to(acc).scatter(1, kept_idx, 0.0)
     top = w.amax(dim=1, keepdim=True)  # NaN if a dropped weight is NaN
     w = w / torch.where(top > 0, top, 1.0)  # inf / inf = NaN: an infinite weight poisons the token

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import math
 import statistics
@@ -323,6 +324,29 @@ def _group(rows, keys):
     return out
 
 
+def params_digest(state_dict: dict) -> str:
+    """First 16 hex digits of a SHA-256 over the checkpoint's tensors (names, dtypes, shapes, values): equal for
+    two trainings that gave the same parameters, whatever their logs and timings."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_same_weights(res: Path, part: str, files: list[Path], loaded: list[dict]) -> None:
+    """Refuse to join shards of one part that come from different weights: a differing file name or parameter
+    digest, or (part a, whose every shard evaluates the unpruned model first) unpruned rows that got other
+    test images right."""
+    names = {d["meta"]["weights"] for d in loaded}
+    digests = {d["meta"]["params_sha256"] for d in loaded if d["meta"].get("params_sha256")}
+    unpruned = {r["correct"] for d in loaded for r in d["rows"] if r["stat"] == "none" and "correct" in r}
+    if len(names) > 1 or len(digests) > 1 or (part == "a" and len(unpruned) > 1):
+        raise SystemExit(f"{res}: the part {part} files {[f.name for f in files]} come from different weights "
+                         f"(names {sorted(names)}, parameter digests {sorted(digests)}); keep one model per folder")
+
+
 def _load_part(res: Path, part: str) -> dict | None:
     """One part's results: ``accuracy_<part>.json`` or its shards ``accuracy_<part>_*.json`` (rows joined;
     the shards' commands kept in ``meta['commands']``)."""
@@ -330,7 +354,9 @@ def _load_part(res: Path, part: str) -> dict | None:
     if not files:
         return None
     loaded = [json.loads(f.read_text()) for f in files]
-    meta = dict(loaded[0]["meta"], commands=[d["meta"]["command"] for d in loaded])
+    _check_same_weights(res, part, files, loaded)
+    meta = dict(loaded[0]["meta"], commands=[d["meta"]["command"] for d in loaded],
+                core_seconds=sum(d["meta"].get("seconds", 0) * d["meta"].get("threads", 1) for d in loaded))
     return {"meta": meta, "rows": [r for d in loaded for r in d["rows"]]}
 
 
@@ -505,6 +531,14 @@ def _paired_gap(a: dict, b: dict) -> tuple[float, float]:
     return 100 * d.mean(), 100 * 1.96 * d.std(ddof=1) / math.sqrt(len(d))
 
 
+def _seed_gap(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """Mean of ``a`` minus mean of ``b`` (independent seeds) and its standard error; None under two seeds each."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return (statistics.mean(a) - statistics.mean(b),
+            math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)))
+
+
 def _heads_parts(folder: Path) -> tuple[int, dict]:
     """(number of heads, {part: loaded}) of one head-count folder; parts it lacks are read from the
     results folder two levels up (``benchmarks/results/``) when they are results of the same weights
@@ -532,15 +566,20 @@ def report_heads(args) -> None:
              "± after a difference is the 95% interval of the paired per-image difference on the 10,000 test "
              "images (how much another test set of this size could move it). After fine-tuning: mean ± "
              "sample std over seeds.", "",
-             "| heads | width | head dim | parameters | training | unpruned top-1 | weights |", "|---|---|---|---|---|---|---|"]
+             "| heads | width | head dim | parameters | training | unpruned top-1 | evaluations | weights |",
+             "|---|---|---|---|---|---|---|---|"]
     for h, parts in models.items():
         meta = parts["a"]["meta"]
         cfg, mm = meta["config"], meta.get("model_meta", {})
         base = next(r for r in parts["a"]["rows"] if r["stat"] == "none")
         params = f"{meta['parameters'] / 1e6:.2f} M" if "parameters" in meta else "?"
+        trained = f"{mm.get('steps', '?')} steps"
+        if "epochs" in mm:
+            trained = f"{mm['epochs']:g} epochs ({trained})"
+        evals = sum(p["meta"]["core_seconds"] for p in parts.values()) / 3600
         lines.append(f"| {h} | {cfg['embed_dim']} | {cfg['embed_dim'] // h} | {params} | "
-                     f"{mm.get('steps', '?')} steps, {mm.get('train_seconds', float('nan')) / 60:.0f} min | "
-                     f"**{100 * base['top1']:.2f}%** | `{meta['weights']}` |")
+                     f"{trained}, {mm.get('train_seconds', float('nan')) / 60:.0f} min | "
+                     f"**{100 * base['top1']:.2f}%** | {evals:.1f} core-h | `{meta['weights']}` |")
     lines += ["", "Trained with:", "", "```",
               *[training_command(parts["a"]["meta"].get("model_meta", {})) for parts in models.values()], "```"]
     scores = STATS + (("random",) if any(r["stat"] == "random" for p in models.values() for r in p["a"]["rows"]) else ())
@@ -561,23 +600,25 @@ def report_heads(args) -> None:
                 lines.append(f"| {mode} | {keep} | {h} | " + " | ".join(cells) +
                              f" | {mad[0]:+.2f} ± {mad[1]:.2f} | {mean[0]:+.2f} ± {mean[1]:.2f} |")
     lines += ["", "## After fine-tuning with pruning on (keep 0.5, drop)", "",
-              "| heads | fine-tuning | unpruned control | var | mad | mean | mad - var |", "|---|---|---|---|---|---|---|"]
+              "| heads | unpruned control | var | mad | mean | mad - var | mean - var |", "|---|---|---|---|---|---|---|"]
     tuned: dict = {}
+    recipes = set()
     for h, parts in models.items():
         if "b" not in parts:
             lines.append(f"| {h} | not run | | | | | |")
             continue
-        acc = {s: [100 * r["top1"] for r in parts["b"]["rows"] if r["stat"] == s] for s in ("none",) + STATS}
+        recipes.add(parts["b"]["meta"].get("ft"))
+        rows = [r for r in parts["b"]["rows"] if r["stat"] == "none" or (r["keep"] == 0.5 and r["mode"] == "drop")]
+        acc = {s: [100 * r["top1"] for r in rows if r["stat"] == s] for s in ("none",) + STATS}
         cells = [_fmt_acc([v / 100 for v in acc[s]]) if acc[s] else "-" for s in ("none",) + STATS]
-        gap = "-"
-        if len(acc["var"]) > 1 and len(acc["mad"]) > 1:
-            diff = statistics.mean(acc["mad"]) - statistics.mean(acc["var"])
-            spread = math.sqrt(statistics.variance(acc["mad"]) / len(acc["mad"])
-                               + statistics.variance(acc["var"]) / len(acc["var"]))
-            tuned[h] = diff, spread
-            gap = f"{diff:+.2f} ± {spread:.2f}"
-        lines.append(f"| {h} | {parts['b']['meta'].get('ft')} | " + " | ".join(cells) + f" | {gap} |")
-    lines += ["", "(mad - var after fine-tuning: difference of the seed means ± its standard error.)", "",
+        for name in ("mad", "mean"):
+            gap = _seed_gap(acc[name], acc["var"])
+            if gap is not None:
+                tuned[name, h] = gap
+            cells.append(f"{gap[0]:+.2f} ± {gap[1]:.2f}" if gap else "-")
+        lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    lines += ["", "Fine-tuning: " + "; ".join(sorted(r for r in recipes if r)) + ". Differences after fine-tuning: "
+              "difference of the seed means ± its standard error (needs two seeds of each).", "",
               "## Which patches are kept: share of object patches (keep 0.7, drop, no fine-tuning)", "",
               "| heads | score | " + " | ".join(f"after block {b}" for b in LAYERS) + " |",
               "|---|---|" + "---|" * len(LAYERS)]
@@ -611,10 +652,12 @@ def plot_heads(gaps: dict, tuned: dict, heads: list[int], out: Path) -> None:
                 ax.errorbar([h * (1 + 0.02 * (i - 1.5)) for h in hs], [g[0] for g in gap], yerr=[g[1] for g in gap],
                             color=f"C{i}", linestyle=style, marker="o" if j == 0 else "s", capsize=3,
                             label=f"{name}, keep {keep}")
-        if mode == "drop" and tuned:
-            hs = sorted(tuned)
-            ax.errorbar(hs, [tuned[h][0] for h in hs], yerr=[tuned[h][1] for h in hs], color="k", marker="*",
-                        markersize=11, capsize=3, label="mad - var after fine-tuning (keep 0.5, seeds)")
+        for name, style in (("mad", "-"), ("mean", "--")):
+            hs = sorted(h for n, h in tuned if n == name)
+            if mode == "drop" and hs:
+                ax.errorbar(hs, [tuned[name, h][0] for h in hs], yerr=[tuned[name, h][1] for h in hs], color="k",
+                            linestyle=style, marker="*" if name == "mad" else "P", markersize=11, capsize=3,
+                            label=f"{name} - var after fine-tuning (keep 0.5, ± SE over seeds)")
         ax.axhline(0, color="k", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xticks(heads, [str(h) for h in heads])
@@ -694,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         train_data = datasets.load_fashion_mnist("train")
         fn = part_b if args.part == "b" else part_c
         rows = fn(args.weights, config, train_data, test, args)
-    meta = {"weights": str(Path(args.weights).name), "model_meta": ckpt.get("meta", {}), "n_test": len(test[1]),
+    meta = {"weights": str(Path(args.weights).name), "params_sha256": params_digest(ckpt["state_dict"]),
+            "model_meta": ckpt.get("meta", {}), "n_test": len(test[1]),
             "config": config, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
             "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),

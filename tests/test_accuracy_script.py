@@ -115,9 +115,61 @@ def test_head_count_report_pairs_the_rows_of_each_model(accuracy, tmp_path):
     gap = f"{100 * (by['mad']['top1'] - by['var']['top1']):+.2f} ± {half:.2f}"
     line = next(s for s in md.splitlines() if s.startswith("| fuse | 0.5 | 6 |"))
     assert gap in line, (gap, line)
-    assert "| 6 | not run |" in md  # no fine-tuning results for the 6-head model
+    assert "| 4 | not run |" in md and "| 6 | not run |" in md  # no fine-tuning results yet
     assert {(r["stat"], r["keep"]) for r in rows} == {("none", 1.0), ("var", 0.5), ("mad", 0.5), ("mean", 0.5)}
     assert "random" not in md.split("## No fine-tuning")[1].splitlines()[2]  # no random column: not run
+
+    # Fine-tuning shards, one file per score and seed, join into the fine-tuned table: mad - var is the
+    # difference of the seed means ± its standard error; mean - var needs two seeds of mean.
+    ft = ["--part", "b", "--ft-epochs", "0.25", "--batch-size", "16", "--ft-warmup", "1", "--test-limit", "40",
+          "--weights", str(tmp_path / "h6.pt")]
+    for stat, seed in (("var", 0), ("mad", 0), ("var", 1), ("mad", 1), ("mean", 0)):
+        out = heads / "h6" / f"accuracy_b_{stat}_s{seed}.json"
+        assert accuracy.main([*ft, "--stat-list", stat, "--seed-list", str(seed), "--out", str(out)]) == 0
+    assert accuracy.main(["--report-heads", "--heads-results", str(heads)]) == 0
+    md = (heads / "heads.md").read_text()
+    tuned = {s: [] for s in ("var", "mad", "mean")}
+    for f in sorted((heads / "h6").glob("accuracy_b_*.json")):
+        for r in json.loads(f.read_text())["rows"]:
+            tuned[r["stat"]].append(100 * r["top1"])
+    diff = np.mean(tuned["mad"]) - np.mean(tuned["var"])
+    se = np.sqrt(np.var(tuned["mad"], ddof=1) / 2 + np.var(tuned["var"], ddof=1) / 2)
+    line = next(s for s in md.split("## After fine-tuning")[1].splitlines() if s.startswith("| 6 |"))
+    assert line.endswith(f"| {diff:+.2f} ± {se:.2f} | - |"), line
+    assert "| 4 | not run |" in md and "0.25 epoch(s)" in md
+
+
+def test_shards_of_different_weights_are_not_joined(accuracy, tmp_path):
+    """Two part a shards in one model's folder must be of the same parameters: a retrained model with other
+    weights (same file name) is refused, by its parameter digest and by its unpruned predictions."""
+    from pruneattn.fashion_mnist.train import DEFAULT_CONFIG, build_model, save_checkpoint
+
+    config = dict(DEFAULT_CONFIG, embed_dim=96, num_heads=6)
+    folder = tmp_path / "heads" / "h6"
+    argv = ["--part", "a", "--test-limit", "40", "--stat-list", "var", "--keep-list", "0.5",
+            "--weights", str(tmp_path / "h6.pt")]
+    for seed, shard in ((0, "accuracy_a.json"), (0, "accuracy_a_again.json"), (1, "accuracy_a_other.json")):
+        torch.manual_seed(seed)
+        save_checkpoint(build_model(config), config, tmp_path / "h6.pt", meta={"steps": 7, "train_seconds": 60.0})
+        assert accuracy.main([*argv, "--out", str(folder / shard)]) == 0
+    digests = [json.loads((folder / f).read_text())["meta"]["params_sha256"]
+               for f in ("accuracy_a.json", "accuracy_a_again.json", "accuracy_a_other.json")]
+    assert digests[0] == digests[1] != digests[2]
+    with pytest.raises(SystemExit, match="different weights"):
+        accuracy._load_part(folder, "a")
+    (folder / "accuracy_a_other.json").unlink()
+    assert len(accuracy._load_part(folder, "a")["rows"]) == 6  # the same weights twice join
+
+    # Older files carry no digest: their unpruned rows still tell two models apart.
+    other = json.loads((folder / "accuracy_a.json").read_text())
+    del other["meta"]["params_sha256"]
+    none = next(r for r in other["rows"] if r["stat"] == "none")
+    bits = accuracy.unpack_correct(none)
+    bits[0] = not bits[0]
+    none["correct"] = accuracy.pack_correct(bits)
+    (folder / "accuracy_a_old.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different weights"):
+        accuracy._load_part(folder, "a")
 
 
 def test_head_count_report_needs_part_a(accuracy, tmp_path):

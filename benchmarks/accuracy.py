@@ -565,8 +565,9 @@ def report_heads(args) -> None:
              "blocks 3 / 6 / 9, full test set, CPU. Without fine-tuning the scores are deterministic: the "
              "± after a difference is the 95% interval of the paired per-image difference on the 10,000 test "
              "images (how much another test set of this size could move it). After fine-tuning: mean ± "
-             "sample std over seeds.", "",
-             "| heads | width | head dim | parameters | training | unpruned top-1 | evaluations | weights |",
+             "sample std over seeds. CPU for these results: core-hours of the evaluations and fine-tunings below "
+             "(each run's wall time times its threads), training not included.", "",
+             "| heads | width | head dim | parameters | training | unpruned top-1 | CPU for these results | weights |",
              "|---|---|---|---|---|---|---|---|"]
     for h, parts in models.items():
         meta = parts["a"]["meta"]

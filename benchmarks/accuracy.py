@@ -618,8 +618,9 @@ def report_heads(args) -> None:
                 tuned[name, h] = gap
             cells.append(f"{gap[0]:+.2f} ± {gap[1]:.2f}" if gap else "-")
         lines.append(f"| {h} | " + " | ".join(cells) + " |")
-    lines += ["", "Fine-tuning: " + "; ".join(sorted(r for r in recipes if r)) + ". Differences after fine-tuning: "
-              "difference of the seed means ± its standard error (needs two seeds of each).", "",
+    recipe = "Fine-tuning: " + "; ".join(sorted(r for r in recipes if r)) + ". " if any(recipes) else ""
+    lines += ["", recipe + "Differences after fine-tuning: difference of the seed means ± its standard error "
+              "(needs two seeds of each).", "",
               "## Which patches are kept: share of object patches (keep 0.7, drop, no fine-tuning)", "",
               "| heads | score | " + " | ".join(f"after block {b}" for b in LAYERS) + " |",
               "|---|---|" + "---|" * len(LAYERS)]

@@ -13,7 +13,8 @@ import pruneattn
 from helpers import rel_err
 from model_reference import one_thread  # noqa: F401 (autouse fixture)
 from pruneattn import reference as R
-from pruneattn.patch.prune import PruneConfig, compose_indices, make_configs, prune_tokens
+from pruneattn.patch.prune import prune_tokens
+from pruneattn.patch.state import BlockConfig, Plan, scoped
 from pruneattn.ops import AttentionStats
 
 NAN, INF = float("nan"), float("inf")
@@ -136,9 +137,9 @@ def test_non_finite_fuse_weights_make_the_fused_token_nan(backend, device):
 # ----------------------------------------------------------------------------- rule 2: old fused token vs NaN
 
 
-def _fused_in_config(mode: str = "fuse") -> PruneConfig:
-    cfgs = make_configs([1, 2], [0.5, 0.5], stat="var", query="cls", mode=mode, num_prefix=1)
-    return cfgs[1]
+def _fused_in_config(mode: str = "fuse") -> BlockConfig:
+    """The second of two fuse-mode pruning blocks: its input ends with the first one's fused token."""
+    return BlockConfig(2, 0.5, "var", "cls", mode, 1, fused_in=True, plan=Plan((1, 2)), shape=None, reader=None)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -152,8 +153,9 @@ def test_old_fused_token_loses_to_nan_patches(backend, device):
     scores[1, :3] = -INF
     st = AttentionStats(None, scores, torch.rand(B, P + 1, device=dev))
     with pruneattn.use_backend(backend):
-        kept = prune_tokens(cfg, x, st)
-    assert cfg.kept_idx.max() < P and cfg.kept_idx.tolist() == [[0, 1, 2]] * 2
+        kept, state = scoped(cfg.plan, lambda state: (prune_tokens(cfg, x, st), state))
+    idx = state.kept[2]
+    assert idx.max() < P and idx.tolist() == [[0, 1, 2]] * 2
     assert kept.shape == (B, 1 + 3 + 1, 8)
 
 
@@ -193,14 +195,6 @@ def test_kept_indices_refuse_after_a_forward_that_raised(monkeypatch):
         monkeypatch.undo()
         model(images(3, seed=5))
     assert {i: t.shape for i, t in pruneattn.kept_indices(model).items()} == {1: (3, 8), 2: (3, 4)}
-
-
-def test_compose_indices_refuses_none_after_index():
-    a, b = _fused_in_config("drop"), _fused_in_config("drop")
-    a.layer, b.layer = 1, 2
-    a.kept_idx = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="did not finish"):
-        compose_indices([a, b])
 
 
 def test_compiled_model_does_not_recompile_per_call():

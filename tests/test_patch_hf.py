@@ -13,11 +13,16 @@ from transformers import (
     ViTForMaskedImageModeling,
     ViTModel,
 )
+from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 
 import pruneattn
 from model_reference import hf_forward, kernel_device, one_thread, token_counts  # noqa: F401 (fixtures)
-from pruneattn.patch.hf import PrunedDeiTLayer, PrunedViTLayer
+from pruneattn.patch.blocks import PrunedSequential
+from pruneattn.patch.swap import derived_class
+
+PrunedViTLayer = derived_class(PrunedSequential, ViTLayer)
+PrunedDeiTLayer = derived_class(PrunedSequential, DeiTLayer)
 
 FP64_TOL = 1e-6  # float32 scores / fuse weights by the spec (see test_patch_timm)
 SMALL = dict(

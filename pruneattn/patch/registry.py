@@ -1,0 +1,227 @@
+"""The model families pruneattn patches, and those it refuses with the reason: the one list of them.
+
+Each :class:`Family` says which model classes it takes, where their blocks are, how many prefix tokens
+come before the patches, whether there is a class token and rotary embedding, how q / k / v are taken
+and where selection sits in each block class (:mod:`pruneattn.patch.blocks`). ``pruneattn.patch``, its
+error messages, the README's table of supported models (checked by a test) and the benchmarks' model
+table all read this list. The families are plain data (class names, attribute names), so the library
+of a model (timm, transformers) is imported only when a model of it is patched; the library's
+:class:`Adapter` turns an entry into blocks and forwards.
+
+Adding a Hugging Face encoder whose layers are pre-norm with ``q_proj`` / ``k_proj`` / ``v_proj`` is one
+entry here plus a test.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from pruneattn.patch.blocks import AttentionReader, BlockShape, Parallel, Residual, Sequential
+from pruneattn.patch.state import Plan
+
+
+@dataclass(frozen=True)
+class HFAttention:
+    """Attribute names of a Hugging Face attention module (separate q / k / v projections)."""
+
+    out: str  # the output projection
+    scale: str  # the logit scale
+    dropout: str  # the attention-dropout probability
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family pruneattn patches."""
+
+    label: str  # its name in the README's table
+    library: str  # top-level package of its classes
+    models: tuple[str, ...]  # model classes it takes (their subclasses too)
+    covers: str  # for the README: variants and checkpoints
+    blocks: tuple[BlockShape, ...]  # its block classes and where selection sits in each
+    layers: str  # attribute path from the encoder to its list of blocks
+    encoder: tuple[str, ...] = ()  # Hugging Face: the vision encoder classes found inside those models
+    prefix: int = 1  # tokens before the patches (class, distillation)...
+    prefix_from: str | None = None  # ...plus this attribute path of the encoder (timm, registers)
+    class_token: bool | None = True  # None: the model says (timm: ``cls_token`` is set)
+    rotary: bool = False  # rotary tables follow the kept patches (timm ``Eva``)
+    attention: HFAttention | None = None  # Hugging Face attention names; None: timm's modules
+
+
+def attribute(obj: object, path: str) -> object:
+    """``obj.a.b`` for the path ``"a.b"``."""
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def blocks_of(family: Family, encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's blocks, in order."""
+    return list(attribute(encoder, family.layers))
+
+
+def num_prefix(family: Family, encoder: nn.Module) -> int:
+    """Tokens before the patches: class, distillation, register tokens."""
+    extra = 0 if family.prefix_from is None else int(attribute(encoder, family.prefix_from))
+    return family.prefix + extra
+
+
+class Adapter(Protocol):
+    """What a library's adapter does with a :class:`Family` entry and a model of it."""
+
+    def encoder(self, family: Family, model: nn.Module) -> nn.Module:
+        """The module that holds the blocks and whose forward is one call of the patched model."""
+
+    def has_class_token(self, family: Family, model: nn.Module) -> bool:
+        """Whether the model has a class token (where ``family.class_token`` leaves it to the model)."""
+
+    def check_block(self, family: Family, block: nn.Module, layer: int) -> None:
+        """Raise if this block cannot be pruned (an attention the kernels cannot reproduce, dropout)."""
+
+    def reader(self, family: Family) -> AttentionReader: ...
+
+    def pruned_block(self, shape: BlockShape) -> type:
+        """The mixin swapped into blocks of this shape."""
+
+    def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
+        """Make each forward call of ``encoder`` open a state of its own (:mod:`pruneattn.patch.state`);
+        whatever is swapped or hooked here carries ``_pruneattn_plan`` (and ``_pruneattn_hooks``), which
+        ``unpatch`` removes."""
+
+
+_TIMM_PRE = Residual("attn", norm="norm1", after=("ls1", "drop_path1"))
+_TIMM_MLP = Residual("mlp", norm="norm2", after=("ls2", "drop_path2"))
+_EVA_PRE = Residual("attn", norm="norm1", after=("gamma_1", "drop_path1"))
+_EVA_MLP = Residual("mlp", norm="norm2", after=("gamma_2", "drop_path2"))
+_POST = Residual("attn", after=("norm1", "drop_path1"))
+_POST_MLP = Residual("mlp", after=("norm2", "drop_path2"))
+_HF_VIT = HFAttention(out="o_proj", scale="scaling", dropout="attention_dropout")
+_HF_CLIP = HFAttention(out="out_proj", scale="scale", dropout="dropout")
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "timm VisionTransformer", "timm", ("VisionTransformer",),
+        "vit_*, deit_* (distilled too), registers, global average pooling, parallel and post-norm blocks",
+        (
+            Sequential("Block", _TIMM_PRE, _TIMM_MLP),
+            Sequential("ResPostBlock", _POST, _POST_MLP),
+            Parallel("ParallelScalingBlock"),
+            Parallel("ParallelThingsBlock"),
+        ),
+        layers="blocks", prefix=0, prefix_from="num_prefix_tokens", class_token=None,
+    ),
+    Family(
+        "timm Eva", "timm", ("Eva",),
+        "eva02_*, vit_*_rope*, vit_*_dinov3: rotary embedding, SwiGLU, layer scale, registers",
+        (Sequential("EvaBlock", _EVA_PRE, _EVA_MLP), Sequential("EvaBlockPostNorm", _POST, _POST_MLP)),
+        layers="blocks", prefix=0, prefix_from="num_prefix_tokens", class_token=None, rotary=True,
+    ),
+    Family(
+        "Hugging Face ViT", "transformers", ("ViTModel", "ViTForImageClassification"),
+        "google/vit-*",
+        (Sequential("ViTLayer", Residual("attention", norm="layernorm_before", after=("dropout",)),
+                    Residual("mlp", norm="layernorm_after", after=("dropout",))),),
+        layers="layers", encoder=("ViTModel",), attention=_HF_VIT,
+    ),
+    Family(
+        "Hugging Face DeiT", "transformers",
+        ("DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"),
+        "facebook/deit-* (class and distillation tokens)",
+        (Sequential("DeiTLayer", Residual("attention", norm="layernorm_before", after=("dropout",)),
+                    Residual("mlp", norm="layernorm_after", after=("dropout",))),),
+        layers="layers", encoder=("DeiTModel",), prefix=2, attention=_HF_VIT,
+    ),
+    Family(
+        "Hugging Face CLIP vision", "transformers", ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel"),
+        "openai/clip-vit-* (the vision side; pre_layrnorm / post_layernorm untouched)",
+        (Sequential("CLIPEncoderLayer", Residual("self_attn", norm="layer_norm1"),
+                    Residual("mlp", norm="layer_norm2")),),
+        layers="encoder.layers", encoder=("CLIPVisionModel",), attention=_HF_CLIP,
+    ),
+    Family(
+        "Hugging Face SigLIP vision", "transformers", ("SiglipVisionModel", "SiglipModel", "SiglipForImageClassification"),
+        "google/siglip-* (no class token: query='mean'; the attention-pooling head pools the kept tokens)",
+        (Sequential("SiglipEncoderLayer", Residual("self_attn", norm="layer_norm1"),
+                    Residual("mlp", norm="layer_norm2")),),
+        layers="encoder.layers", encoder=("SiglipVisionModel",), prefix=0, class_token=False,
+        attention=_HF_CLIP,
+    ),
+    Family(
+        "Hugging Face DINOv2", "transformers", ("Dinov2Model", "Dinov2ForImageClassification"),
+        "facebook/dinov2-* (layer scale)",
+        (Sequential("Dinov2Layer", Residual("attention", norm="norm1", after=("layer_scale1", "drop_path")),
+                    Residual("mlp", norm="norm2", after=("layer_scale2", "drop_path"))),),
+        layers="encoder.layer", encoder=("Dinov2Model",), attention=_HF_VIT,
+    ),
+    Family(
+        "Hugging Face DINOv2 with registers", "transformers",
+        ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"),
+        "facebook/dinov2-with-registers-* (register tokens are prefix tokens)",
+        (Sequential("Dinov2WithRegistersLayer",
+                    Residual("attention", norm="norm1", after=("layer_scale1", "drop_path")),
+                    Residual("mlp", norm="norm2", after=("layer_scale2", "drop_path"))),),
+        layers="encoder.layer", encoder=("Dinov2WithRegistersModel",),
+        prefix_from="config.num_register_tokens", attention=_HF_VIT,
+    ),
+)
+
+_REL_POS = "its attention adds a relative position bias per token pair, which the fused kernels do not take"
+# Model classes that look like ViTs but whose attention pruneattn cannot reproduce: (library, class) -> why.
+REFUSED: dict[tuple[str, str], str] = {
+    ("timm", "Beit"): _REL_POS,
+    ("timm", "VisionTransformerRelPos"): _REL_POS,
+    ("timm", "Cait"): "its class-attention blocks attend from the class token only, so patch scores are not "
+    "defined the same way",
+    ("timm", "Xcit"): "its cross-covariance attention attends over channels, not tokens",
+    ("timm", "NaFlexVit"): "it runs with padding masks over variable-size patch sets, which the fused kernels "
+    "do not take",
+    ("timm", "VisionTransformerSAM"): "its windowed attention with relative position bias is not global attention",
+}
+
+_ADAPTERS = {"timm": "pruneattn.patch.timm", "transformers": "pruneattn.patch.hf"}
+
+
+def _mro(model: object) -> list[tuple[str, str]]:
+    return [(cls.__module__.split(".")[0], cls.__name__) for cls in type(model).__mro__]
+
+
+def family_of(model: object) -> Family | None:
+    """The family that takes ``model`` (by its class or a base class), or None."""
+    for lib, name in _mro(model):
+        for fam in FAMILIES:
+            if fam.library == lib and name in fam.models:
+                return fam
+    return None
+
+
+def refusal(model: object) -> str | None:
+    """Why ``model`` is refused, if its class (or a base class) is known to be unprunable."""
+    for key in _mro(model):
+        if key in REFUSED:
+            return REFUSED[key]
+    return None
+
+
+def adapter(family: Family) -> Adapter:
+    """The adapter of ``family``'s library (imports that library)."""
+    return importlib.import_module(_ADAPTERS[family.library]).ADAPTER
+
+
+def shape_of(family: Family, block: nn.Module, cls: type) -> BlockShape | None:
+    """Where selection sits in a block of class ``cls`` of ``family`` (None: not one of its blocks)."""
+    lib = cls.__module__.split(".")[0]
+    return next((s for s in family.blocks if s.block == cls.__name__ and lib == family.library), None)
+
+
+def supported_text() -> str:
+    """One line per family, for error messages."""
+    return "; ".join(f"{f.label} ({', '.join(f.models)})" for f in FAMILIES)
+
+
+def readme_table() -> str:
+    """The README's table of supported model families."""
+    rows = ["| family | model classes | covers |", "|---|---|---|"]
+    rows += [f"| {f.label} | {', '.join(f'`{m}`' for m in f.models)} | {f.covers} |" for f in FAMILIES]
+    return "\n".join(rows)

@@ -30,7 +30,7 @@ def _overlap_embed_class() -> type:
     cls = globals().get("OverlapPatchEmbed")
     if cls is not None:
         return cls
-    from timm.layers import Format, PatchEmbed
+    from timm.layers import Format, PatchEmbed, to_2tuple
     from timm.layers.format import nchw_to
 
     class OverlapPatchEmbed(PatchEmbed):
@@ -40,6 +40,25 @@ def _overlap_embed_class() -> type:
         def feat_ratio(self, as_scalar: bool = True):
             s = self.proj.stride
             return max(s) if as_scalar else s
+
+        def _init_img_size(self, img_size):
+            """Image size, grid and patch count for ``img_size`` with this conv's stride and padding
+            (``set_input_size`` asks this)."""
+            if img_size is None:
+                return None, None, None
+            img_size = to_2tuple(img_size)
+            grid = _grid(img_size, self.proj.kernel_size, self.proj.stride[0], self.proj.padding[0])
+            if min(grid) < 1:
+                raise ValueError(f"image size {img_size} leaves no patch for this overlapping embedding")
+            return img_size, grid, grid[0] * grid[1]
+
+        def set_input_size(self, img_size=None, patch_size=None):
+            if patch_size is not None and to_2tuple(patch_size) != tuple(self.proj.kernel_size):
+                raise ValueError(
+                    "set_input_size: the patch size of an overlapping patch embedding cannot change; "
+                    "change it before pruneattn.overlap_patches"
+                )
+            super().set_input_size(img_size=img_size)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.img_size is not None and self.strict_img_size and tuple(x.shape[-2:]) != tuple(self.img_size):

@@ -21,6 +21,14 @@ class Swapped:
         mixin, original = type(self).__bases__
         return (_new_instance, (mixin, original), *reduced[2:])
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` asks this first: refuse with the ways that do work."""
+        raise TypeError(
+            f"pruneattn: a patched {type(self).__bases__[-1].__name__} cannot be compiled by torch.jit.script "
+            "(its pruning step is Python with data-dependent token counts); use torch.jit.trace, "
+            "torch.compile or torch.export instead"
+        )
+
 
 def _new_instance(mixin: type, original: type) -> nn.Module:
     cls = derived_class(mixin, original)

@@ -39,3 +39,20 @@ def test_relative_links_stay_in_repo(doc: Path) -> None:
         if not path.is_relative_to(ROOT) or not path.exists():
             bad.append(target)
     assert not bad, f"{doc.name}: links that leave the repository or name no file: {bad}"
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def test_readme_support_tables_are_the_registry() -> None:
+    """The README's supported and refused tables are what pruneattn.patch.registry says (regenerate them
+    with ``readme_table()`` / ``refused_table()`` after changing the registry)."""
+    from pruneattn.patch import registry
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert _between(text, "checked by tests/test_docs.py -->", "<!-- end of supported families -->") == (
+        registry.readme_table()
+    )
+    refused = text.split("<!-- refused classes:", 1)[1]
+    assert _between(refused, "-->", "<!-- end of refused classes -->") == registry.refused_table()

@@ -103,7 +103,8 @@ _HF_CLIP = HFAttention(out="out_proj", scale="scale", dropout="dropout")
 FAMILIES: tuple[Family, ...] = (
     Family(
         "timm VisionTransformer", "timm", ("VisionTransformer",),
-        "vit_*, deit_* (distilled too), registers, global average pooling, parallel and post-norm blocks",
+        "vit_*, deit_* (distilled too), vit_*_18x2_* (parallel blocks), registers, global average pooling, "
+        "post-norm blocks, q/k norm, layer scale",
         (
             Sequential("Block", _TIMM_PRE, _TIMM_MLP),
             Sequential("ResPostBlock", _POST, _POST_MLP),
@@ -114,7 +115,8 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "timm Eva", "timm", ("Eva",),
-        "eva02_*, vit_*_rope*, vit_*_dinov3: rotary embedding, SwiGLU, layer scale, registers",
+        "eva02_*, vit_*_rope* (rope_mixed too), vit_*_dinov3: the rotary table follows the kept patches; SwiGLU, "
+        "layer scale, q/k norm, registers",
         (Sequential("EvaBlock", _EVA_PRE, _EVA_MLP), Sequential("EvaBlockPostNorm", _POST, _POST_MLP)),
         layers="blocks", prefix=0, prefix_from="num_prefix_tokens", class_token=None, rotary=True,
     ),
@@ -220,8 +222,26 @@ def supported_text() -> str:
     return "; ".join(f"{f.label} ({', '.join(f.models)})" for f in FAMILIES)
 
 
+def _class_token(f: Family) -> tuple[str, str]:
+    if f.class_token is None:
+        return "if the model has one", "`\"cls\"`, `\"mean\"` without one"
+    return ("yes", "`\"cls\"`") if f.class_token else ("no", "`\"mean\"`")
+
+
 def readme_table() -> str:
-    """The README's table of supported model families."""
-    rows = ["| family | model classes | covers |", "|---|---|---|"]
-    rows += [f"| {f.label} | {', '.join(f'`{m}`' for m in f.models)} | {f.covers} |" for f in FAMILIES]
+    """The README's table of supported model families (a test checks that the README holds it)."""
+    rows = ["| family | model classes (and subclasses) | blocks | class token | `query` default | covers |",
+            "|---|---|---|---|---|---|"]
+    for f in FAMILIES:
+        token, query = _class_token(f)
+        models = ", ".join(f"`{m}`" for m in f.models)
+        blocks = ", ".join(f"`{s.block}`" for s in f.blocks)
+        rows.append(f"| {f.label} | {models} | {blocks} | {token} | {query} | {f.covers} |")
+    return "\n".join(rows)
+
+
+def refused_table() -> str:
+    """The README's table of refused model classes and why (a test checks that the README holds it)."""
+    rows = ["| library | class (and subclasses) | why it is refused |", "|---|---|---|"]
+    rows += [f"| {lib} | `{name}` | {why} |" for (lib, name), why in REFUSED.items()]
     return "\n".join(rows)

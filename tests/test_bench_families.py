@@ -46,3 +46,14 @@ def test_block_halves_are_the_first_block(name):
         else:
             want = model.blocks[0](x)
         assert torch.allclose(mlp_half(attn_half(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tokens_come_from_the_registry():
+    """SigLIP has no class token, DINOv2 with registers has 1 + registers: the FLOP count must know."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                 patch_size=8)
+    assert M.model_shape(SiglipVisionModel(SiglipVisionConfig(**small)))["num_prefix"] == 0
+    reg = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**small, num_register_tokens=3))
+    assert M.model_shape(reg)["num_prefix"] == 4 and M.model_shape(reg)["num_patches"] == 16

@@ -103,66 +103,57 @@ def _mlp_shape(mlp: torch.nn.Module) -> tuple[int, int]:
     raise TypeError(f"unknown MLP {type(mlp).__name__}")
 
 
-def _hf_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The module holding ``embeddings`` and ``encoder.layers`` of a Hugging Face vision encoder."""
-    for m in (model, getattr(model, "vision_model", None)):
-        if m is not None and hasattr(m, "embeddings") and hasattr(getattr(m, "encoder", None), "layers"):
-            return m
-    return None
+def _family(model: torch.nn.Module):
+    """The registry entry, encoder, blocks and prefix-token count of ``model``."""
+    from pruneattn.patch import registry
+
+    family = registry.family_of(model)
+    if family is None:
+        raise TypeError(f"no pruneattn family takes {type(model).__name__}")
+    encoder = registry.adapter(family).encoder(family, model)
+    return family, encoder, registry.blocks_of(family, encoder), registry.num_prefix(family, encoder)
 
 
 def model_shape(model: torch.nn.Module) -> dict:
     """What the FLOP count needs: depth, width, MLP, patches, prefix tokens, patch size, classes."""
-    enc = _hf_encoder(model)
-    if enc is not None:  # Hugging Face CLIP-style vision encoder
-        cfg = model.config
-        emb = enc.embeddings.patch_embedding
-        hidden, mats = _mlp_shape(enc.encoder.layers[0].mlp)
-        return {
-            "depth": cfg.num_hidden_layers, "dim": cfg.hidden_size, "mlp_hidden": hidden, "mlp_mats": mats,
-            "num_patches": (cfg.image_size // cfg.patch_size) ** 2, "num_prefix": 1,
-            "patch_in": emb.in_channels * emb.kernel_size[0] * emb.kernel_size[1], "num_classes": 0,
-        }
-    pe = model.patch_embed
-    grid = pe.grid_size
-    hidden, mats = _mlp_shape(model.blocks[0].mlp)
+    family, encoder, blocks, num_prefix = _family(model)
+    shape = family.blocks[0]
+    hidden, mats = _mlp_shape(getattr(blocks[0], shape.mlp.module))
+    if family.library == "timm":
+        pe = model.patch_embed
+        grid, conv, dim, classes = pe.grid_size, pe.proj, model.embed_dim, model.num_classes
+        num_patches = grid[0] * grid[1]
+    else:
+        cfg = encoder.config
+        conv = encoder.embeddings.patch_embeddings.projection if hasattr(encoder.embeddings, "patch_embeddings") \
+            else encoder.embeddings.patch_embedding
+        dim, classes, num_patches = cfg.hidden_size, 0, (cfg.image_size // cfg.patch_size) ** 2
     return {
-        "depth": len(model.blocks),
-        "dim": model.embed_dim,
-        "mlp_hidden": hidden,
-        "mlp_mats": mats,
-        "num_patches": grid[0] * grid[1],
-        "num_prefix": model.num_prefix_tokens,
-        "patch_in": pe.proj.in_channels * pe.proj.kernel_size[0] * pe.proj.kernel_size[1],
-        "num_classes": model.num_classes,
+        "depth": len(blocks), "dim": dim, "mlp_hidden": hidden, "mlp_mats": mats, "num_patches": num_patches,
+        "num_prefix": num_prefix, "patch_in": conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+        "num_classes": classes,
     }
 
 
 def block_halves(model: torch.nn.Module) -> tuple[object, object]:
     """``(attention half, MLP half)`` of the model's first (unpatched) block as functions of x (B, n, C):
-    ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``, rotary embeddings applied where the model has them."""
-    enc = _hf_encoder(model)
-    if enc is not None:
-        layer = enc.encoder.layers[0]
-        return (lambda x: x + layer.self_attn(layer.layer_norm1(x))[0],
-                lambda x: x + layer.mlp(layer.layer_norm2(x)))
-    blk = model.blocks[0]
-    if hasattr(blk, "gamma_1"):  # timm EvaBlock: layer scale as parameters (None without)
-        ls1 = (lambda t: t) if blk.gamma_1 is None else (lambda t: blk.gamma_1 * t)
-        ls2 = (lambda t: t) if blk.gamma_2 is None else (lambda t: blk.gamma_2 * t)
-    else:
-        ls1, ls2 = blk.ls1, blk.ls2
-    rope = getattr(model, "rope", None)
-    if rope is not None:
-        table = rope.get_embed()
-        npt = model.num_prefix_tokens
+    ``x + after(attn(norm1(x)))`` and ``x + after(mlp(norm2(x)))`` as its family's block shape names them,
+    rotary embeddings applied where the family has them."""
+    from pruneattn.patch.blocks import apply_after, part
 
-        def attn(x):
-            return x + ls1(blk.attn(blk.norm1(x), rope=table[: x.shape[1] - npt]))
-    else:
-        def attn(x):
-            return x + ls1(blk.attn(blk.norm1(x)))
-    return attn, lambda x: x + ls2(blk.mlp(blk.norm2(x)))
+    family, encoder, blocks, npt = _family(model)
+    blk, shape = blocks[0], family.blocks[0]
+    table = model.rope.get_embed() if family.rotary and getattr(model, "rope", None) is not None else None
+
+    def half(res, x: torch.Tensor, **kw) -> torch.Tensor:
+        h = x if res.norm is None else part(blk, res.norm)(x)
+        y = part(blk, res.module)(h, **kw)
+        return x + apply_after(blk, res.after, y[0] if isinstance(y, tuple) else y)
+
+    def attn(x: torch.Tensor) -> torch.Tensor:
+        return half(shape.attention, x, **({} if table is None else {"rope": table[: x.shape[1] - npt]}))
+
+    return attn, lambda x: half(shape.mlp, x)
 
 
 def token_schedule(shape: dict, config: Config) -> list[tuple[int, int]]:

@@ -47,7 +47,7 @@ class HFReader:
         return tuple(p(x).view(B, N, -1, att.head_dim).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
 
     def scale(self, att: nn.Module) -> float:
-        return getattr(att, self.names.scale)
+        return float(getattr(att, self.names.scale))  # see TimmReader.scale
 
     def project(self, att: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         _record_no_attention()

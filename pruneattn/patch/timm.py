@@ -71,7 +71,7 @@ class TimmReader:
         return q, k, v
 
     def scale(self, a: nn.Module) -> float:
-        return a.scale
+        return float(a.scale)  # a Python float: torch.compile(dynamic=True) would otherwise trace it symbolic
 
     def project(self, a: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         B, _, N, _ = out.shape
@@ -101,7 +101,7 @@ class PrunedParallelScaling(Swapped):
         v = v.view(heads).transpose(1, 2)
         if q.dtype != v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
-        stats = attention(self._pruneattn, q, k, v, self.scale)
+        stats = attention(self._pruneattn, q, k, v, float(self.scale))
         x_attn = stats.out.transpose(1, 2).reshape(B, N, C)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         if self.out_proj is not None:
@@ -122,7 +122,7 @@ class PrunedParallelThings(Swapped):
         inputs = [branch.norm(x) for branch in self.attns]
         heads = [READER.heads(branch.attn, h, None) for branch, h in zip(self.attns, inputs)]
         q, k, v = (torch.cat(t, dim=1) for t in zip(*heads))
-        stats = attention(self._pruneattn, q, k, v, self.attns[0].attn.scale)
+        stats = attention(self._pruneattn, q, k, v, READER.scale(self.attns[0].attn))
         outs = stats.out.split([qkv[0].shape[1] for qkv in heads], dim=1)
         y = sum(b.drop_path(b.ls(READER.project(b.attn, o, h))) for b, o, h in zip(self.attns, outs, inputs))
         x = prune_tokens(self._pruneattn, x + y, stats)

@@ -181,6 +181,7 @@ def test_prune_picks_the_candidates_of_the_dtype():
     from pruneattn.kernels.attention import _CONFIGS, _attention_fwd_kernel
 
     prune = _attention_fwd_kernel.early_config_prune
+    assert isinstance(prune, _config.ConfigPrune)  # what the GPU build looks for
     every = _CONFIGS + _config.FP32_ATTENTION_CONFIGS
     # On CPU tensors there is no shared-memory limit: only the dtype and the tile sizes decide.
     half = prune(every, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=32)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from pruneattn.bench.static.arch import ARCHS, Arch, occupancy
+from pruneattn.kernels._config import ConfigPrune
 from pruneattn.bench.static.launches import Launch, tl_value
 
 __all__ = ["Job", "build", "build_in_subprocess", "candidates", "compile_variant", "dtype_candidates", "kept_by_prune", "toolchain"]
@@ -137,22 +138,27 @@ def candidates(launch: Launch) -> list:
     return [triton.Config({}, num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3))]
 
 
+def _prune(launch: Launch) -> ConfigPrune | None:
+    """The kernel's autotune prune, if it is pruneattn's :class:`ConfigPrune`."""
+    prune = getattr(_kernel(launch), "early_config_prune", None)
+    return prune if isinstance(prune, ConfigPrune) else None
+
+
 def _pruned(launch: Launch, limit: int | None, before_limits: bool = False) -> list[int]:
     configs = candidates(launch)
-    prune = getattr(_kernel(launch), "early_config_prune", None)
-    rule = getattr(prune, "for_element" if before_limits else "for_limit", None)
-    if not launch.tuned or rule is None:
+    prune = _prune(launch)
+    if not launch.tuned or prune is None:
         return list(range(len(configs)))
     consts = dict(launch.constexprs)
-    kept = rule(configs, _element_size(launch), consts) if before_limits else rule(
+    kept = prune.for_element(configs, _element_size(launch), consts) if before_limits else prune.for_limit(
         configs, _element_size(launch), consts, limit)
     return [i for i, c in enumerate(configs) if any(c is k for k in kept)]
 
 
 def smem_estimate(launch: Launch, config) -> int | None:
     """The kernel prune's shared-memory estimate for ``config`` (``None`` for kernels without one)."""
-    estimate = getattr(getattr(_kernel(launch), "early_config_prune", None), "estimate", None)
-    return None if estimate is None else int(estimate(config, _element_size(launch), dict(launch.constexprs)))
+    prune = _prune(launch)
+    return None if prune is None else int(prune.estimate(config, _element_size(launch), dict(launch.constexprs)))
 
 
 def dtype_candidates(launch: Launch) -> list[int]:

@@ -1,4 +1,4 @@
-"""``benchmarks/accuracy.py`` end to end on a tiny slice: every part runs, shards of one part merge in the
+"""``tools/accuracy.py`` end to end on a tiny slice: every part runs, shards of one part merge in the
 report, and the report's numbers are the JSON's.
 
 The data folder is made from the shipped sample (written as idx files), so this runs without the
@@ -29,7 +29,7 @@ def accuracy(tmp_path, monkeypatch):
         write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images, 0x08)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), 0x08)
     monkeypatch.setenv("PRUNEATTN_FASHION_MNIST", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("accuracy_script", ROOT / "benchmarks" / "accuracy.py")
+    spec = importlib.util.spec_from_file_location("accuracy_script", ROOT / "tools" / "accuracy.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     n = torch.get_num_threads()

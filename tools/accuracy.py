@@ -1,5 +1,8 @@
 """Accuracy of attention-diversity pruning on Fashion-MNIST (the paper's experiment at small scale).
 
+Run from the repository root: ``python tools/accuracy.py --part a|b|c|t|f [options]``, then
+``python tools/accuracy.py --report`` (results in ``benchmarks/results/``; ``--help`` lists the options).
+
 The shipped model (``pruneattn/fashion_mnist/data/vit_fmnist_canvas56.pt``, see ``python -m pruneattn.fashion_mnist.train``) is
 evaluated on the full test set (10,000 images, 56 x 56 canvas view, seed 0) with pruning after the
 attention of blocks 3 / 6 / 9:
@@ -53,7 +56,7 @@ from pruneattn.fashion_mnist import datasets
 from pruneattn.fashion_mnist.demo import training_command
 from pruneattn.fashion_mnist.train import DEFAULT_WEIGHTS, evaluate, load_model, train
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 LAYERS = (3, 6, 9)
 KEEP_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
 STATS = ("var", "mad", "mean")
@@ -743,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_meta": ckpt.get("meta", {}), "n_test": len(test[1]),
             "config": config, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
-            "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python tools/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.time() - t0), "ft": None if args.part == "a" else
             f"{args.ft_epochs} epoch(s) of the 60,000 training images, batch {args.batch_size}, AdamW lr {args.ft_lr} "
             f"(warm-up {args.ft_warmup} steps, cosine to {args.ft_lr / 100}), label smoothing 0.1, flips"}

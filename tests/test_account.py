@@ -1,14 +1,19 @@
-"""The kernel account (pruneattn.bench.static): exact byte and FLOP counts, and the bounds they
+"""The kernel account (tools.gpu_build): exact byte and FLOP counts, and the bounds they
 must stay within. Counts come from Triton's interpreter, so they are exact and
 deterministic: asserting them is no timing test."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-from pruneattn.bench import account as A
+from pruneattn.bench.roofline import h100_bound
+from tools.gpu_build import account as A
+from tools.gpu_build.hooks import check_interpreter
+from tools.gpu_build.nxn import nxn_check
+from tools.gpu_build.report import markdown
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the account runs the kernels in the interpreter")
 
@@ -129,7 +134,7 @@ def test_selection_and_side_kernels_stay_at_their_floor(accounts, shape):
 
 
 def test_no_torch_op_makes_an_nxn_tensor():
-    r = A.nxn_check(B=2, H=3, N=300, d=64)
+    r = nxn_check(B=2, H=3, N=300, d=64)
     B, H, N, d = r["shape"]
     from pruneattn import cpu
 
@@ -148,10 +153,10 @@ def test_markdown_report_and_h100_model(accounts):
         "environment": {"date": "d", "torch": "t", "triton": "tr", "device": "cpu"},
         "batch": 1, "dtype": "float16", "shapes": list(accounts.values()), "nxn_check": None,
     }
-    md = A.markdown(res)
+    md = markdown(res)
     assert "model, not a measurement" in md
     assert md.count("| fused cls (var) |") == len(SHAPES)
-    b = A.h100_bound(int(3.35e12), int(989e12 / 2))
+    b = h100_bound(int(3.35e12), int(989e12 / 2))
     assert b["bound"] == "memory" and math.isclose(b["seconds"], 1.0)
 
 
@@ -160,4 +165,48 @@ def test_hooks_fail_clearly_without_hook_points(monkeypatch):
 
     monkeypatch.delattr(interpreter.InterpreterBuilder, "create_masked_load")
     with pytest.raises(RuntimeError, match="create_masked_load"):
-        A.check_interpreter()
+        check_interpreter()
+
+
+def test_command_line_writes_the_report_and_its_json(tmp_path, monkeypatch, capsys):
+    """``python -m tools.gpu_build --account`` with the interpreter on runs in-process and writes both files."""
+    import functools
+    import json
+
+    from tools.gpu_build import __main__ as cli
+    from tools.gpu_build import nxn
+
+    monkeypatch.setattr(nxn, "nxn_check", functools.partial(nxn.nxn_check, B=1, H=2, N=70, d=16))  # a small check
+    assert cli.main(["--account", "--shapes", "2:17", "--no-progress", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "account.md").read_text()
+    assert md in capsys.readouterr().out
+    assert md.count("| 2 | 17 | fused cls (var) |") == 1 and "## N x N check" in md
+    data = json.loads((tmp_path / "account.json").read_text())
+    assert [(s["H"], s["N"], s["B"]) for s in data["shapes"]] == [(2, 17, 1)]
+
+
+def test_command_line_reruns_itself_with_the_interpreter(tmp_path, monkeypatch):
+    """Without TRITON_INTERPRET the account runs in a child process that has it, from this checkout."""
+    import pruneattn._env
+    from tools.gpu_build import __main__ as cli
+    from tools.gpu_build.child import ROOT
+
+    calls = []
+    monkeypatch.setattr(pruneattn._env, "interpreting", lambda: False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    assert cli.main(["--account", "--smoke", "--out", str(tmp_path)]) == 0
+    ((cmd, env),) = calls
+    assert cmd[1:] == ["-m", "tools.gpu_build", "--account", "--batch", "1", "--out", str(tmp_path), "--smoke"]
+    assert env["TRITON_INTERPRET"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
+def test_command_line_needs_a_suite_and_says_when_it_cannot_build(monkeypatch, capsys):
+    from tools.gpu_build import __main__ as cli
+    from tools.gpu_build import build
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2 and "--account, --build or both" in capsys.readouterr().err
+    monkeypatch.setattr(build, "toolchain", lambda: {"missing": "no ptxas"})
+    assert cli.main(["--build", "--smoke"]) == 2
+    assert "cannot build for a GPU here: no ptxas" in capsys.readouterr().err

@@ -13,9 +13,9 @@ import pkgutil
 import pytest
 import torch
 
-from pruneattn.bench.static import build as B
-from pruneattn.bench.static.arch import ARCHS, occupancy
-from pruneattn.bench.static.launches import Launch, with_bfloat16
+from tools.gpu_build import build as B
+from tools.gpu_build.arch import ARCHS, occupancy
+from tools.gpu_build.launches import Launch, with_bfloat16
 
 TOOLS = B.toolchain()
 needs_toolchain = pytest.mark.skipif("missing" in TOOLS, reason=f"no GPU toolchain: {TOOLS.get('missing')}")
@@ -36,7 +36,7 @@ def _subset(launches: list[Launch]) -> list[B.Job]:
 
 @pytest.fixture(scope="module")
 def launches() -> list[Launch]:
-    from pruneattn.bench.static import suite
+    from tools.gpu_build import suite
 
     return suite.record(("float16", "float32"), (64, 128), ((3, 197),))
 

@@ -11,7 +11,7 @@ import torch
 import pruneattn
 from pruneattn import cpu
 from pruneattn import reference as R
-from pruneattn.bench.account import OpRecorder
+from pruneattn.bench.recorder import OpRecorder
 from helpers import poisoned_allocations, random_qkv
 
 

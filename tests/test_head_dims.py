@@ -55,7 +55,7 @@ def test_head_dims_outside_the_kernels_range_name_d(d, device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the account runs the kernels in the interpreter")
 @pytest.mark.parametrize("d", [24, 72])
 def test_padded_head_dim_moves_only_real_elements(d):
-    from pruneattn.bench import account as A
+    from tools.gpu_build import account as A
 
     B, H, N, es = 1, 3, 40, 2  # float16
     padded, square = A.kernel_accounts(B, H, N, d=d), A.kernel_accounts(B, H, N, d=64)

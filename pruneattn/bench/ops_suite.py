@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import pruneattn
 from pruneattn import reference
+from pruneattn._progress import progress_bar
 from pruneattn.bench.meta import environment
 from pruneattn.bench.timing import time_fns
 from pruneattn.dispatch import backend_for, use_backend
@@ -143,11 +144,7 @@ def run_ops(
         shapes = SMOKE_SHAPES if smoke else tuple((H, N) for N in NS for H in HS)
     env = environment(device)
     work = [(dt, H, N, s) for dt in dtypes for H, N in shapes for s in suites]
-    it = work
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(work, desc="op suite", unit="case")
+    it = progress_bar(work, enabled=progress, desc="op suite", unit="case")
     rows: list[dict] = []
     choices: list[dict] = []
     for dtype, H, N, suite in it:
@@ -183,7 +180,7 @@ def run_ops(
 
 def add_roofline(rows: list[dict]) -> None:
     """Fraction of the binding H100 roof (model) reached by each attention row measured on an H100."""
-    from pruneattn.bench.account import attention_floor, h100_bound
+    from pruneattn.bench.roofline import attention_floor, h100_bound
 
     for r in rows:
         if r["suite"] != "attention+scores" or "H100" not in r["device"]:

@@ -34,9 +34,11 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from pruneattn.bench.static.arch import ARCHS, Arch, occupancy
+from pruneattn._progress import progress_bar
 from pruneattn.kernels._config import ConfigPrune
-from pruneattn.bench.static.launches import Launch, tl_value
+from tools.gpu_build.arch import ARCHS, Arch, occupancy
+from tools.gpu_build.child import child_env
+from tools.gpu_build.launches import Launch, tl_value
 
 __all__ = ["Job", "build", "build_in_subprocess", "candidates", "compile_variant", "dtype_candidates", "kept_by_prune", "toolchain"]
 
@@ -269,11 +271,7 @@ def build(jobs: Sequence[Job], progress: bool = False) -> dict:
     tools = toolchain()
     if "missing" in tools:
         raise RuntimeError(f"GPU build: {tools['missing']}")
-    it = jobs
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(jobs, desc="compiling for GPU targets", unit="launch")
+    it = progress_bar(jobs, enabled=progress, desc="compiling for GPU targets", unit="launch")
     rows = []
     skipped = {a: r for a in sorted({j.arch for j in jobs}) if (r := arch_reason(ARCHS[a]))}
     for job in it:
@@ -306,7 +304,7 @@ def _worker(payload: str, out_path: str) -> None:
 def build_in_subprocess(jobs: Sequence[Job], workers: int = 1, progress: bool = False, timeout: float | None = None) -> dict:
     """:func:`build` in ``workers`` fresh processes without ``TRITON_INTERPRET`` (the kernels compiled,
     not interpreted); the rows come back in job order. Jobs are dealt out largest first."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(interpret=False)
     workers = max(1, min(workers, len(jobs)))
     shards: list[list[Job]] = [[] for _ in range(workers)]
     for n, job in enumerate(sorted(jobs, key=lambda j: -(5 if j.launch.tuned and j.which != "first" else 1))):
@@ -318,7 +316,7 @@ def build_in_subprocess(jobs: Sequence[Job], workers: int = 1, progress: bool = 
             inp, out = os.path.join(d, f"in{i}.json"), os.path.join(d, f"out{i}.json")
             with open(inp, "w", encoding="utf-8") as f:
                 f.write(payload)
-            code = ("import sys; from pruneattn.bench.static.build import _worker; "
+            code = ("import sys; from tools.gpu_build.build import _worker; "
                     "_worker(open(sys.argv[1]).read(), sys.argv[2])")
             procs.append((subprocess.Popen([sys.executable, "-c", code, inp, out], env=env), out))
         results = []

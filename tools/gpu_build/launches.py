@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from pruneattn._progress import progress_bar
+
 __all__ = ["Launch", "recording", "sweep", "tl_value", "with_bfloat16", "STATS", "QUERIES", "MODES"]
 
 STATS = ("var", "mad", "mean")
@@ -252,10 +254,7 @@ def sweep(
     g = torch.Generator().manual_seed(0)
     jobs = [("op", dt, d, op_shape) for dt in dtypes for d in head_dims]
     jobs += [("shape", dt, 64, s) for s in shapes for dt in dtypes]
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="recording launches", unit="case")
+    jobs = progress_bar(jobs, enabled=progress, desc="recording launches", unit="case")
     with recording() as rec, use_backend("triton"):
         for kind, dtype, d, (H, N) in jobs:
             rec.context = {}

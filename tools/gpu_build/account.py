@@ -13,15 +13,15 @@ executes the same loads, stores and dots, so the counts are the GPU's, exactly:
 Beside each kernel: its floor (Q, K, V read once; output, scores, indices, kept tokens written once),
 the same account modelled for SDPA (flash: K and V re-read per query block, the per-row log-sum-exp
 written) and for the eager path (the N x N matrix written and read back), and a lower-bound time on an
-H100 SXM from its public figures (3.35 TB/s, 989 TFLOP/s dense bf16; :mod:`.traffic`). **The times are a
-model, not a measurement.** Counts are per image (batch 1 is run; every count is linear in B, which
-``tests/test_account.py`` checks) and scaled to batch 256 for the time bounds.
+H100 SXM from its public figures (3.35 TB/s, 989 TFLOP/s dense bf16; :mod:`pruneattn.bench.roofline`).
+**The times are a model, not a measurement.** Counts are per image (batch 1 is run; every count is
+linear in B, which ``tests/test_account.py`` checks) and scaled to batch 256 for the time bounds.
 
 Attention runs in float16 in the interpreter (it has no bfloat16); bfloat16 moves the same bytes.
 
-``pruneattn bench --account --out DIR`` (or ``python benchmarks/account.py``) writes
-``account.json`` and ``account.md``. The interpreter must be on before Triton defines the kernels,
-so the command re-runs itself in a subprocess with ``TRITON_INTERPRET=1`` when needed.
+``python -m tools.gpu_build --account --out DIR`` writes ``account.json`` and ``account.md``. The
+interpreter must be on before Triton defines the kernels, so the command re-runs itself in a
+subprocess with ``TRITON_INTERPRET=1`` when needed.
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pruneattn.bench.static.hooks import _Accesses, check_interpreter, hooked
-from pruneattn.bench.static.traffic import H100, attention_floor, eager_model, flash_model, h100_bound, select_floor
+from pruneattn._progress import progress_bar
+from pruneattn.bench.roofline import H100, attention_floor, h100_bound
+from tools.gpu_build.hooks import _Accesses, check_interpreter, hooked
+from tools.gpu_build.traffic import eager_model, flash_model, select_floor
 
 __all__ = [
     "BOUND_BATCH", "HEAD_DIM", "HS", "KEEP_RATE", "NS", "STANDARD_SHAPES", "KernelAccount", "Traffic",
@@ -345,14 +347,10 @@ def shape_account(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtype 
 
 def run_account(shapes=STANDARD_SHAPES, B: int = 1, dtype: torch.dtype = torch.float16, progress: bool = True) -> dict:
     from pruneattn.bench.meta import environment
-    from pruneattn.bench.static.nxn import nxn_check
+    from tools.gpu_build.nxn import nxn_check
 
     check_interpreter()
-    it = shapes
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(shapes, desc="kernel account", unit="shape")
+    it = progress_bar(shapes, enabled=progress, desc="kernel account", unit="shape")
     results = [shape_account(B, H, N, HEAD_DIM, dtype) for H, N in it]
     return {
         "kind": "kernel account",

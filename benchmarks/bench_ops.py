@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # before pruneattn's kernels are defined
 
 from pruneattn.bench.timing import sync  # noqa: E402
 from pruneattn.bench import ops_suite as S  # noqa: E402
-from pruneattn.dispatch import backend_for, use_backend  # noqa: E402
+from pruneattn.backend import backend_for, use_backend  # noqa: E402
 
 SMOKE = os.environ.get("PRUNEATTN_BENCH_SMOKE", "0") not in ("", "0")
 

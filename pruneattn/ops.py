@@ -2,7 +2,7 @@
 
 ``attention_scores`` / ``attention_stats`` and ``select_tokens`` check their arguments, then call a
 ``torch.library`` custom op (opaque to ``torch.compile``, so no graph break) whose implementation
-runs the backend chosen by :func:`pruneattn.dispatch.backend_for`.
+runs the backend chosen by :func:`pruneattn.backend.implementation`.
 
 Gradients: the attention output is differentiable in q, k, v. Its backward recomputes the attention
 with ``torch.nn.functional.scaled_dot_product_attention`` and differentiates that: PyTorch's tuned
@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pruneattn import cpu, reference
-from pruneattn.dispatch import backend_for
+from pruneattn import reference
+from pruneattn.backend import implementation
 from pruneattn.validate import check_attention_inputs, check_select_inputs, check_split_inputs, num_kept
 
 
@@ -41,38 +41,11 @@ def _bnhd(out: torch.Tensor) -> torch.Tensor:
     return out if out.transpose(1, 2).is_contiguous() else out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _triton_stats(q, k, v, *, stat, query, num_prefix, scale):
-    from pruneattn.kernels import check_supported
-    from pruneattn.kernels.choose import attention_backend
-    from pruneattn.kernels.head_stats import head_stats
-
-    check_supported(q)
-    is_cls = query == "cls"
-    if attention_backend(q, query) == "sdpa":
-        # SDPA for the output + the class row alone; rows[..., 0] holds its log2-sum-exp.
-        from pruneattn.kernels.prefix_rows import class_rows
-
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        rows = class_rows(q, k, scale)
-        scores, head_mean = head_stats(rows, rows, num_prefix=num_prefix, stat=stat, is_cls=True)
-        return out, scores, head_mean
-    from pruneattn.kernels.attention import attention_fwd
-    from pruneattn.kernels.colsum import column_mean
-
-    out, lse, cls_logits = attention_fwd(q, k, v, scale, store_cls=is_cls)
-    received = cls_logits if is_cls else column_mean(q, k, lse, scale)
-    scores, head_mean = head_stats(received, lse, num_prefix=num_prefix, stat=stat, is_cls=is_cls)
-    return out, scores, head_mean
-
-
-_ATTENTION_BACKENDS = {"triton": _triton_stats, "cpu": cpu.attention_stats, "reference": reference.attention_stats}
-
-
 @torch.library.custom_op("pruneattn::attention_stats", mutates_args=())
 def _attention_stats_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    run = _ATTENTION_BACKENDS[backend_for(q.device)]
+    run = implementation("attention_stats", q.device)
     out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
     return _bnhd(out), scores, head_mean
 
@@ -189,26 +162,11 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 # ----------------------------------------------------------------------------- selection + gather
 
 
-def _triton_select(x, scores, k, num_prefix, fuse_weights):
-    from pruneattn.kernels import check_device
-    from pruneattn.kernels.gather import fuse_dropped, gather_kept
-    from pruneattn.kernels.select import select_topk
-
-    check_device(x)
-    kept_idx, keep_mask = select_topk(scores, k)
-    kept = gather_kept(x, kept_idx, num_prefix, extra_rows=int(fuse_weights is not None))
-    if fuse_weights is not None:
-        fuse_dropped(x, fuse_weights, keep_mask, num_prefix, kept)
-    return kept, kept_idx
-
-
 @torch.library.custom_op("pruneattn::select_tokens", mutates_args=())
 def _select_tokens_op(
     x: torch.Tensor, scores: torch.Tensor, k: int, num_prefix: int, fuse_weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend_for(x.device) == "triton":
-        return _triton_select(x, scores, k, num_prefix, fuse_weights)
-    return reference.select_k(x, scores, k, num_prefix, fuse_weights)
+    return implementation("select_k", x.device)(x, scores, k, num_prefix, fuse_weights)
 
 
 @_select_tokens_op.register_fake

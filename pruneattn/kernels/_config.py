@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import triton
 
-from pruneattn._env import interpreting
+from pruneattn.backend import interpreting
 
 # Triton's dtype for each torch dtype the kernels accept (fp64 is not supported by the kernels).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pruneattn.bench import account as A
+from pruneattn.validate import QUERIES
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the account runs the kernels in the interpreter")
 
@@ -67,7 +68,7 @@ def test_attention_kernel_reads_qkv_once_and_writes_a_few_floats_per_row(account
     qkv_bytes = B * H * N * d * es
     row_f32 = B * H * N * 4
     P = N - 1
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         fwd = sh["kernels"][f"attention_fwd[{query}]"]
         for buf in ("q", "k", "v"):
             assert fwd["by_buffer"][buf]["loads_unique"] == qkv_bytes, (query, buf)  # every byte read ...
@@ -122,7 +123,7 @@ def test_selection_and_side_kernels_stay_at_their_floor(accounts, shape):
         assert kern["total"]["stores"] == kern["total"]["stores_unique"], name  # nothing stored twice
         assert "other" not in kern["by_buffer"], name  # no traffic outside the named buffers
     # Every statistic moves the same bytes (MAD sorts in registers).
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         base = sh["kernels"][f"head_stats[{query},var]"]["total"]
         for stat in ("mad", "mean"):
             assert sh["kernels"][f"head_stats[{query},{stat}]"]["total"] == base

@@ -13,6 +13,7 @@ import pruneattn
 from pruneattn import backend
 from pruneattn import reference as R
 from pruneattn.kernels.class_row import class_row
+from pruneattn.validate import STATS
 
 from helpers import poisoned_allocations, random_qkv
 
@@ -34,7 +35,7 @@ def test_class_row_logits_and_lse(shape, dtype, device):
     torch.testing.assert_close(lse, lse2, atol=tol * lse2.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.parametrize("stat", ["var", "mad", "mean"])
+@pytest.mark.parametrize("stat", STATS)
 @pytest.mark.parametrize("num_prefix", [1, 2])
 def test_sdpa_backend_matches_reference(stat, num_prefix, device):
     q, k, v = random_qkv(2, 6, 50, 64, torch.float32, device)

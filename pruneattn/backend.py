@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from pruneattn import cpu, reference
+from pruneattn.validate import check_choice
 
 BACKENDS = ("triton", "cpu", "reference")
 ATTENTION_KERNELS = ("fused", "sdpa")
@@ -53,6 +54,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@contextlib.contextmanager
+def _pinned(var: contextvars.ContextVar[str | None], value: str | None) -> Iterator[None]:
+    """``var`` set to ``value`` inside the ``with`` block, restored after it."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 # ----------------------------------------------------------------------------- backend
 
 
@@ -71,13 +82,9 @@ def backend_for(device: torch.device) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend inside the ``with`` block (``"triton"``, ``"cpu"`` or ``"reference"``)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    token = _forced_backend.set(name)
-    try:
+    check_choice("backend", name, BACKENDS)
+    with _pinned(_forced_backend, name):
         yield
-    finally:
-        _forced_backend.reset(token)
 
 
 # ----------------------------------------------------------------------------- attention kernel
@@ -93,8 +100,7 @@ def load_choices(path: str | os.PathLike) -> int:
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)["choices"]
     for e in entries:
-        if e["backend"] not in ATTENTION_KERNELS:
-            raise ValueError(f"{path}: backend must be one of {ATTENTION_KERNELS}, got {e['backend']!r}")
+        check_choice(f"{path}: backend", e["backend"], ATTENTION_KERNELS)
         _CHOICES[choice_key(e["device"], e["dtype"], e["H"], e["d"], e["N"])] = e["backend"]
     _choices_loaded_from.add(str(path))
     return len(entries)
@@ -103,13 +109,10 @@ def load_choices(path: str | os.PathLike) -> int:
 @contextlib.contextmanager
 def use_attention_kernel(name: str | None) -> Iterator[None]:
     """Pin the attention kernel inside the ``with`` block (``None``: back to the per-shape choice)."""
-    if name is not None and name not in ATTENTION_KERNELS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_KERNELS}, got {name!r}")
-    token = _forced_kernel.set(name)
-    try:
+    if name is not None:
+        check_choice("attention backend", name, ATTENTION_KERNELS)
+    with _pinned(_forced_kernel, name):
         yield
-    finally:
-        _forced_kernel.reset(token)
 
 
 def _device_name(device: torch.device) -> str:
@@ -124,8 +127,7 @@ def attention_kernel(q: torch.Tensor, query: str) -> str:
         return "fused"
     forced = _forced_kernel.get() or os.environ.get("PRUNEATTN_ATTENTION") or None
     if forced is not None:
-        if forced not in ATTENTION_KERNELS:
-            raise ValueError(f"PRUNEATTN_ATTENTION must be one of {ATTENTION_KERNELS}, got {forced!r}")
+        check_choice("PRUNEATTN_ATTENTION", forced, ATTENTION_KERNELS)
         return forced
     path = os.environ.get("PRUNEATTN_CHOICES")
     if path and path not in _choices_loaded_from:

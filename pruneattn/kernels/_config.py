@@ -1,4 +1,4 @@
-"""Launch settings shared by the kernels: interpreter detection, autotune configs and their pruning."""
+"""Launch settings shared by the kernels: autotune configs and their pruning."""
 from __future__ import annotations
 
 import functools

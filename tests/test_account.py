@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pruneattn.bench.roofline import h100_bound
+from pruneattn.validate import QUERIES
 from tools.gpu_build import account as A
 from tools.gpu_build.hooks import check_interpreter
 from tools.gpu_build.nxn import nxn_check
@@ -72,7 +73,7 @@ def test_attention_kernel_reads_qkv_once_and_writes_a_few_floats_per_row(account
     qkv_bytes = B * H * N * d * es
     row_f32 = B * H * N * 4
     P = N - 1
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         fwd = sh["kernels"][f"attention_fwd[{query}]"]
         for buf in ("q", "k", "v"):
             assert fwd["by_buffer"][buf]["loads_unique"] == qkv_bytes, (query, buf)  # every byte read ...
@@ -119,18 +120,19 @@ def test_selection_and_side_kernels_stay_at_their_floor(accounts, shape):
     fuse = sh["kernels"]["gather_kept+fuse_dropped"]
     assert fuse["by_buffer"]["x"]["loads_unique"] == B * N * C * es  # kept + dropped rows, each once
     assert fuse["by_buffer"]["x"]["loads"] == B * N * C * es
-    rows = sh["kernels"]["class_rows"]
+    rows = sh["kernels"]["class_row"]
     assert rows["by_buffer"]["k"]["loads"] == B * H * N * d * es  # K once
     assert rows["by_buffer"]["q"]["loads"] == B * H * d * es  # query 0 only
-    assert rows["total"]["stores"] == rows["total"]["stores_unique"] == B * H * N * 4
+    assert rows["by_buffer"]["logits"]["stores"] == B * H * N * 4 and rows["by_buffer"]["lse"]["stores"] == B * H * 4
+    assert rows["total"]["stores"] == rows["total"]["stores_unique"] == B * H * (N + 1) * 4  # logits and lse
     for name, kern in sh["kernels"].items():
         assert kern["total"]["stores"] == kern["total"]["stores_unique"], name  # nothing stored twice
         assert "other" not in kern["by_buffer"], name  # no traffic outside the named buffers
     # Every statistic moves the same bytes (MAD sorts in registers).
-    for query in ("cls", "mean"):
-        base = sh["kernels"][f"head_stats[{query},var]"]["total"]
+    for query in QUERIES:
+        base = sh["kernels"][f"head_statistic[{query},var]"]["total"]
         for stat in ("mad", "mean"):
-            assert sh["kernels"][f"head_stats[{query},{stat}]"]["total"] == base
+            assert sh["kernels"][f"head_statistic[{query},{stat}]"]["total"] == base
 
 
 def test_no_torch_op_makes_an_nxn_tensor():
@@ -187,12 +189,12 @@ def test_command_line_writes_the_report_and_its_json(tmp_path, monkeypatch, caps
 
 def test_command_line_reruns_itself_with_the_interpreter(tmp_path, monkeypatch):
     """Without TRITON_INTERPRET the account runs in a child process that has it, from this checkout."""
-    import pruneattn._env
+    import pruneattn.backend
     from tools.gpu_build import __main__ as cli
     from tools.gpu_build.child import ROOT
 
     calls = []
-    monkeypatch.setattr(pruneattn._env, "interpreting", lambda: False)
+    monkeypatch.setattr(pruneattn.backend, "interpreting", lambda: False)
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     assert cli.main(["--account", "--smoke", "--out", str(tmp_path)]) == 0
     ((cmd, env),) = calls

@@ -17,6 +17,7 @@ import torch
 import pruneattn
 from helpers import write_idx
 from pruneattn.fashion_mnist import datasets
+from pruneattn.validate import STATS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ def test_head_count_report_pairs_the_rows_of_each_model(accuracy, tmp_path):
         assert accuracy.main([*ft, "--stat-list", stat, "--seed-list", str(seed), "--out", str(out)]) == 0
     assert accuracy.main(["--report-heads", "--heads-results", str(heads)]) == 0
     md = (heads / "heads.md").read_text()
-    tuned = {s: [] for s in ("var", "mad", "mean")}
+    tuned = {s: [] for s in STATS}
     for f in sorted((heads / "h6").glob("accuracy_b_*.json")):
         for r in json.loads(f.read_text())["rows"]:
             tuned[r["stat"]].append(100 * r["top1"])

@@ -15,7 +15,7 @@ import torch
 import pruneattn
 from pruneattn.bench import models as M
 from pruneattn.bench import ops_suite as S
-from pruneattn.dispatch import backend_for, use_backend
+from pruneattn.backend import backend_for, use_backend
 
 META = {"device", "torch", "triton", "date", "dtype"}
 
@@ -70,13 +70,13 @@ def test_cli_ops_and_models_smoke_writes_results(tmp_path):
 
 
 def test_choices_table_round_trip(tmp_path, monkeypatch):
-    from pruneattn.kernels import choose
+    from pruneattn import backend
 
     path = tmp_path / "choices.json"
     path.write_text(json.dumps({"choices": [{"device": "cpu", "dtype": "float16", "H": 2, "d": 64, "N": 17, "backend": "sdpa"}]}))
-    monkeypatch.setattr(choose, "_TABLE", {})
-    assert choose.load_table(path) == 1
-    assert choose.attention_backend(torch.empty(1, 2, 17, 64, dtype=torch.float16), "cls") == "sdpa"
+    monkeypatch.setattr(backend, "_CHOICES", {})
+    assert backend.load_choices(path) == 1
+    assert backend.attention_kernel(torch.empty(1, 2, 17, 64, dtype=torch.float16), "cls") == "sdpa"
 
 
 @pytest.mark.parametrize("config", [M.UNPATCHED, M.pruned("var", 0.7), M.pruned("mad", 0.5), M.pruned("var", 0.7, layers=(0, 2))])

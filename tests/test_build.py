@@ -65,7 +65,7 @@ def test_the_sweep_launches_every_kernel_in_every_variant(launches):
     assert {launch.name for launch in launches} == _kernel_names()
     attention = {(la.dtype, la.head_dim, dict(la.constexprs)["STORE_CLS"]) for la in launches if la.name == "attention_fwd"}
     assert attention == {(dt, d, cls) for dt in ("float16", "bfloat16", "float32") for d in (64, 128) for cls in (True, False)}
-    stats = {(dict(la.constexprs)["STAT"], dict(la.constexprs)["IS_CLS"]) for la in launches if la.name == "head_stats"}
+    stats = {(dict(la.constexprs)["STAT"], dict(la.constexprs)["IS_CLS"]) for la in launches if la.name == "head_statistic"}
     assert stats == {(s, c) for s in (0, 1, 2) for c in (True, False)}
     assert {la.dtype for la in launches if la.name == "fuse"} == {"float16", "bfloat16", "float32"}
     for la in launches:

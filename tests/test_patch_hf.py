@@ -18,6 +18,7 @@ from transformers.models.vit.modeling_vit import ViTLayer
 import pruneattn
 from model_reference import hf_forward, kernel_device, one_thread, token_counts  # noqa: F401 (fixtures)
 from pruneattn.patch.hf import PrunedDeiTLayer, PrunedViTLayer
+from pruneattn.validate import MODES, QUERIES
 
 FP64_TOL = 1e-6  # float32 scores / fuse weights by the spec (see test_patch_timm)
 SMALL = dict(
@@ -60,9 +61,9 @@ def test_keep_rate_one_cpu_matches_unpatched(cpu_backend, cls):
     torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("deit", [False, True])
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 def test_pruned_matches_reference(cpu_backend, mode, deit, query):
     cls, config_cls = (DeiTForImageClassification, DeiTConfig) if deit else (ViTForImageClassification, ViTConfig)
     model = build(cls, config_cls).double()

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import Block, DiffParallelScalingBlock, Visi
 import pruneattn
 from model_reference import kernel_device, one_thread, timm_forward, token_counts  # noqa: F401 (fixtures)
 from pruneattn.patch.timm import PrunedBlock
+from pruneattn.validate import MODES, STATS
 
 # float64 models: scores and fuse weights are float32 by the spec, the fused token is accumulated
 # in float32 by the core's select_tokens, so float64 paths agree to ~1e-7, not 1e-15.
@@ -109,8 +110,8 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
-@pytest.mark.parametrize("stat", ["var", "mad", "mean"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stat", STATS)
 def test_variants_match_reference(cpu_backend, variant, mode, stat):
     cls, kw, query = VARIANTS[variant]
     model = tiny(cls, **kw).double()

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 import pruneattn
 from pruneattn import cpu
 from pruneattn._progress import progress_bar
+from pruneattn.backend import use_backend
 from pruneattn.bench.meta import environment, load_average
 from pruneattn.bench.ops_suite import _eager_scores, _qkv
 from pruneattn.bench.timing import time_cpu
-from pruneattn.dispatch import use_backend
 
 SHAPES = ((16, 6, 197, 64), (8, 12, 577, 64))
 SMOKE_SHAPES = ((2, 3, 150, 64),)

@@ -3,7 +3,7 @@
 On a GPU: bfloat16 and float16, N in {197, 325, 577, 785}, H in {3, 6, 12, 16}, d = 64, a batch that
 fills the GPU (B * H * N ~ 256 * 6 * 197 rows), timed with ``triton.testing.do_bench``; both CUDA
 backends of attention + scores (fused kernel, SDPA + class-row kernel) so that the per-shape choice
-(:mod:`pruneattn.kernels.choose`) can be measured. ``smoke=True`` runs tiny shapes once (on the CPU
+(:mod:`pruneattn.backend`) can be measured. ``smoke=True`` runs tiny shapes once (on the CPU
 under ``TRITON_INTERPRET=1`` this exercises the whole suite's plumbing in seconds).
 """
 from __future__ import annotations
@@ -17,15 +17,15 @@ import torch.nn.functional as F
 import pruneattn
 from pruneattn import reference
 from pruneattn._progress import progress_bar
+from pruneattn.backend import backend_for, use_attention_kernel, use_backend
 from pruneattn.bench.meta import environment
 from pruneattn.bench.timing import time_fns
-from pruneattn.dispatch import backend_for, use_backend
+from pruneattn.validate import STATS
 
 NS = (197, 325, 577, 785)
 HS = (3, 6, 12, 16)
 HEAD_DIM = 64
 ROWS_PER_BATCH = 256 * 6 * 197  # B * H * N of DeiT-S at batch 256: "a batch that fills the GPU"
-STATS = ("var", "mad", "mean")
 KEEP = 0.7
 SMOKE_SHAPES = ((2, 17),)  # (H, N)
 
@@ -49,12 +49,6 @@ def _eager_scores(q, k, v, stat="var", query="cls"):
     return out, reference.head_statistic(a.float(), stat)
 
 
-def _choose_ctx(backend: str):
-    from pruneattn.kernels import choose
-
-    return choose.force(backend)
-
-
 def attention_candidates(q, k, v, kernel_backend: str) -> dict[str, Callable[[], object]]:
     """Attention + scores per stat (both CUDA backends where the Triton kernels run), SDPA, eager."""
     fns: dict[str, Callable[[], object]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
@@ -62,7 +56,7 @@ def attention_candidates(q, k, v, kernel_backend: str) -> dict[str, Callable[[],
         for backend in ("fused", "sdpa"):
             for stat in STATS:
                 def run(stat=stat, backend=backend):
-                    with _choose_ctx(backend):
+                    with use_attention_kernel(backend):
                         return pruneattn.attention_scores(q, k, v, stat=stat)
                 fns[f"{backend} cls {stat}"] = run
 

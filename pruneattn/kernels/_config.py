@@ -1,4 +1,4 @@
-"""Launch settings shared by the kernels: interpreter detection, autotune configs and their pruning."""
+"""Launch settings shared by the kernels: autotune configs and their pruning."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from pruneattn._env import interpreting
+from pruneattn.backend import interpreting
 
 # Triton's dtype for each torch dtype the kernels accept (fp64 is not supported by the kernels).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -57,7 +57,7 @@ def emit(out: str | None, stem: str, result: dict, md: str) -> None:
 
 def account(args: argparse.Namespace) -> int:
     """The kernel account, in this process if the interpreter is on, else in a subprocess with it on."""
-    from pruneattn._env import interpreting
+    from pruneattn.backend import interpreting
     from tools.gpu_build.hooks import check_interpreter_ok
 
     if not interpreting() or ("pruneattn.kernels.attention" in sys.modules and not check_interpreter_ok()):

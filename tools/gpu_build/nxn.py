@@ -6,6 +6,7 @@ import math
 import torch
 
 from pruneattn.bench.recorder import OpRecorder
+from pruneattn.validate import QUERIES
 from tools.gpu_build.account import KEEP_RATE
 from tools.gpu_build.hooks import check_interpreter_ok
 
@@ -16,7 +17,7 @@ def nxn_check(B: int = 2, H: int = 3, N: int = 300, d: int = 64) -> dict:
     """Run the op path (attention + scores + selection) under :class:`OpRecorder` on the CPU path, the
     Triton path (interpreted) and the eager reference; report the N x N-sized outputs of each."""
     import pruneattn
-    from pruneattn.dispatch import use_backend
+    from pruneattn.backend import use_backend
 
     if N <= max(B * H, d, 64):
         raise ValueError("nxn_check needs N larger than B * H, d and the query chunk (else any dim >= N)")
@@ -26,7 +27,7 @@ def nxn_check(B: int = 2, H: int = 3, N: int = 300, d: int = 64) -> dict:
     x = torch.randn(B, N, H * d, generator=g)
     report = {}
     for backend in ("cpu", "triton", "reference"):
-        for query in ("cls", "mean"):
+        for query in QUERIES:
             if backend == "triton" and not check_interpreter_ok():
                 continue
             with use_backend(backend), OpRecorder() as rec:

@@ -33,7 +33,7 @@ SHAPE_ARCH = "sm_90"
 
 def in_interpreter(func: str, **kwargs) -> object:
     """``func(**kwargs)`` (a function of this module, JSON in and out) under Triton's interpreter."""
-    from pruneattn._env import interpreting
+    from pruneattn.backend import interpreting
     from tools.gpu_build.hooks import check_interpreter_ok
 
     if interpreting() and check_interpreter_ok():

@@ -17,15 +17,14 @@ setup(
         # Kernels use tl.sort / tl.cumsum / input_precision=; tested with triton 3.6 (GPU) and 3.8 (interpreter).
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
-        "tqdm",
     ],
     extras_require={
-        "models": ["timm>=1.0", "transformers>=4.40", "matplotlib"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        # tqdm: progress bars of the demo, the training and the benchmarks (they run without them).
+        "models": ["timm>=1.0", "transformers>=4.40", "matplotlib", "tqdm"],
+        "bench": ["matplotlib", "tqdm"],
         "test": [
             "pytest>=8",
             "pytest-xdist",
-            "pytest-benchmark",
             "hypothesis",
             "timm>=1.0",
             "transformers>=4.40",

@@ -5,7 +5,7 @@ Set ``TRITON_INTERPRET=1`` before importing to run the Triton kernels on CPU ten
 from __future__ import annotations
 
 from pruneattn import reference
-from pruneattn.dispatch import backend_for, use_backend
+from pruneattn.backend import backend_for, use_backend
 from pruneattn.ops import AttentionStats, attention_scores, attention_stats, select_tokens, split_qkv
 from pruneattn.overlap import overlap_patches
 from pruneattn.patch import default_layers, kept_indices, patch, unpatch

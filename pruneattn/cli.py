@@ -19,7 +19,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pruneattn.fashion_mnist.demo",
              "prune a small ViT on Fashion-MNIST images: accuracy, speed and a picture of the kept patches"),
-    "bench": ("pruneattn.bench", "benchmarks of the kernels, the CPU path and whole models, and the kernel account"),
+    "bench": ("pruneattn.bench", "benchmarks of the kernels, the CPU path and whole models"),
 }
 
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pruneattn.reference import compute_dtype, head_statistic
+from pruneattn import reference
+from pruneattn.reference import compute_dtype
 
 QUERY_CHUNK = 128  # queries per chunk (at least d + 1, see column_mean)
-# Numbers in the per-chunk buffer (gb * nh, c, N): 512 Ki float32 = 2 MiB, 1 MiB per thread at 2
-# threads (the L2 of one core here). 256 Ki to 1 Mi measured within 5% of each other (1 thread);
-# larger units also mean fewer parallel regions, which a shared, oversubscribed machine punishes.
+# Numbers in the per-chunk buffer (gb * nh, c, N), 512 Ki float32: small enough that each thread's
+# share stays in a core's L2 cache, large enough that the work units are few (every unit is one
+# parallel region, which costs most on a shared, oversubscribed machine).
 CHUNK_ELEMENTS = 1 << 19
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -57,10 +58,9 @@ def class_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 
     One (B, 1, d) @ (B, d, N) bmm per head, or one (H, 1, d) @ (H, d, N) bmm per image when B < H:
     each head's (image's) slice of a strided view (timm's packed qkv) is a valid bmm operand, read in
-    place. Measured at (16, 6, 197, 64), 2 threads, inside the whole
-    path: this loop added 0.3 ms to SDPA's 6.2 ms; ``linalg.vecdot(k, q_0)`` added 2.0 ms (it makes a
-    K-sized temporary, fresh pages every call); ``q_0 @ k^T`` copies K (``matmul`` cannot fold the
-    (B, H) dims of a packed view); a block-diagonal (B, H * d, H) bmm is a skinny GEMM (0.46 ms alone).
+    place. The alternatives are slower: ``q_0 @ k^T`` copies K (``matmul`` cannot fold the (B, H)
+    dims of a packed view), ``linalg.vecdot(k, q_0)`` makes a K-sized temporary per call, and a
+    block-diagonal (B, H * d, H) bmm is a skinny GEMM (benchmarks/NOTES.md, section 1).
     """
     acc = compute_dtype(q.dtype)
     B, H = q.shape[:2]
@@ -73,17 +73,17 @@ def class_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.softmax(logits.mul_(scale), dim=-1)  # (B, H, N)
 
 
-def head_stats(a: torch.Tensor, stat: str) -> tuple[torch.Tensor, torch.Tensor]:
+def head_statistic(a: torch.Tensor, stat: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(statistic over heads, mean over heads) of ``a`` (B, H, P), as :func:`reference.head_statistic`.
 
-    ``var`` is computed as mean((a - mean)^2) (the population variance, two passes): ``Tensor.var``
-    over the head dim of this layout is 8x slower here (0.34 ms against 0.04 ms at (16, 6, 196)).
+    ``var`` is computed as mean((a - mean)^2) (the population variance, two passes), which reuses
+    the mean and is much faster than ``Tensor.var`` over the head dim of this layout.
     """
     mean = a.mean(dim=1, keepdim=True)
     if stat == "var":
         score = (a - mean).square_().mean(dim=1)
     else:
-        score = head_statistic(a, stat)
+        score = reference.head_statistic(a, stat)
     return score, mean.squeeze(1)
 
 
@@ -156,8 +156,8 @@ def suspect_heads(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None) ->
         bad = ~(torch.isfinite(q).flatten(2).all(dim=-1) & torch.isfinite(k).flatten(2).all(dim=-1))
     else:
         # x * (1 / x) is NaN exactly where x is 0, infinite or NaN (about 1 otherwise, inf for a
-        # subnormal x): two element-wise ops and a row sum over (B, H, N), measured at 17 us against
-        # the 10 ms of the whole path at (16, 6, 197, 64); a mask of three comparisons took 95 us.
+        # subnormal x): two element-wise ops and a row sum over (B, H, N), cheaper than a mask of
+        # three comparisons and negligible beside the attention.
         bad = torch.isnan((lse * lse.reciprocal()).sum(dim=-1))
     return bad.nonzero()
 
@@ -179,8 +179,12 @@ def recompute_heads(
         received[b, h] = (attn[:, 0] if query == "cls" else attn.mean(dim=1)).to(received.dtype)
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, query: str, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-head attention received by each key, (B, H, N), in float32 (float64 for float64 input).
+def received_from_qk(
+    q: torch.Tensor, k: torch.Tensor, scale: float, query: str, lse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-head attention received by each key, (B, H, N), computed from q and k without the N x N
+    weights, in float32 (float64 for float64 input). (:func:`reference.received_attention` reads it
+    from the weights.)
 
     ``lse``: each row's natural-log log-sum-exp, if known (``query="mean"`` then skips the softmax).
     """
@@ -195,11 +199,11 @@ def attention_stats(
     """(out, scores, head_mean) as in :func:`pruneattn.ops.attention_stats`."""
     out, lse = sdpa_with_lse(q, k, v, scale)
     heads = suspect_heads(q, k, lse)  # (0, 2) on finite inputs
-    # SDPA's half-precision kernel computes its logits differently: its log-sum-exp normalizes the
-    # float32 logits here only to ~1e-4 (measured at N = 130); softmax each chunk instead.
+    # SDPA's half-precision kernel computes its logits differently: its log-sum-exp does not
+    # normalize the float32 logits computed here to float32 accuracy; softmax each chunk instead.
     exact_lse = lse if q.dtype in (torch.float32, torch.float64) else None
-    a = received_attention(q, k, scale, query, exact_lse)
+    a = received_from_qk(q, k, scale, query, exact_lse)
     if heads.shape[0]:  # non-finite inputs: those heads as the reference computes them
         recompute_heads(q, k, v, scale, query, heads, out, a)
-    score, mean = head_stats(a[:, :, num_prefix:], stat)
+    score, mean = head_statistic(a[:, :, num_prefix:], stat)
     return out, score.float(), mean.float()

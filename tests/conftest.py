@@ -1,8 +1,11 @@
 """Test set-up: without a GPU, run the Triton kernels in Triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before Triton defines the kernels, i.e. before pruneattn is imported.
+The repository root goes on ``sys.path`` (last) for the tests of ``tools/``.
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -13,6 +16,8 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# The developer tools (tools/, not installed with the package) import from the repository root.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture

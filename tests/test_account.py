@@ -1,14 +1,20 @@
-"""The kernel account (pruneattn.bench.static): exact byte and FLOP counts, and the bounds they
+"""The kernel account (tools.gpu_build): exact byte and FLOP counts, and the bounds they
 must stay within. Counts come from Triton's interpreter, so they are exact and
 deterministic: asserting them is no timing test."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-from pruneattn.bench import account as A
+from pruneattn.bench.roofline import h100_bound
+from pruneattn.validate import QUERIES
+from tools.gpu_build import account as A
+from tools.gpu_build.hooks import check_interpreter
+from tools.gpu_build.nxn import nxn_check
+from tools.gpu_build.report import markdown
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the account runs the kernels in the interpreter")
 
@@ -67,7 +73,7 @@ def test_attention_kernel_reads_qkv_once_and_writes_a_few_floats_per_row(account
     qkv_bytes = B * H * N * d * es
     row_f32 = B * H * N * 4
     P = N - 1
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         fwd = sh["kernels"][f"attention_fwd[{query}]"]
         for buf in ("q", "k", "v"):
             assert fwd["by_buffer"][buf]["loads_unique"] == qkv_bytes, (query, buf)  # every byte read ...
@@ -114,22 +120,23 @@ def test_selection_and_side_kernels_stay_at_their_floor(accounts, shape):
     fuse = sh["kernels"]["gather_kept+fuse_dropped"]
     assert fuse["by_buffer"]["x"]["loads_unique"] == B * N * C * es  # kept + dropped rows, each once
     assert fuse["by_buffer"]["x"]["loads"] == B * N * C * es
-    rows = sh["kernels"]["class_rows"]
+    rows = sh["kernels"]["class_row"]
     assert rows["by_buffer"]["k"]["loads"] == B * H * N * d * es  # K once
     assert rows["by_buffer"]["q"]["loads"] == B * H * d * es  # query 0 only
-    assert rows["total"]["stores"] == rows["total"]["stores_unique"] == B * H * N * 4
+    assert rows["by_buffer"]["logits"]["stores"] == B * H * N * 4 and rows["by_buffer"]["lse"]["stores"] == B * H * 4
+    assert rows["total"]["stores"] == rows["total"]["stores_unique"] == B * H * (N + 1) * 4  # logits and lse
     for name, kern in sh["kernels"].items():
         assert kern["total"]["stores"] == kern["total"]["stores_unique"], name  # nothing stored twice
         assert "other" not in kern["by_buffer"], name  # no traffic outside the named buffers
     # Every statistic moves the same bytes (MAD sorts in registers).
-    for query in ("cls", "mean"):
-        base = sh["kernels"][f"head_stats[{query},var]"]["total"]
+    for query in QUERIES:
+        base = sh["kernels"][f"head_statistic[{query},var]"]["total"]
         for stat in ("mad", "mean"):
-            assert sh["kernels"][f"head_stats[{query},{stat}]"]["total"] == base
+            assert sh["kernels"][f"head_statistic[{query},{stat}]"]["total"] == base
 
 
 def test_no_torch_op_makes_an_nxn_tensor():
-    r = A.nxn_check(B=2, H=3, N=300, d=64)
+    r = nxn_check(B=2, H=3, N=300, d=64)
     B, H, N, d = r["shape"]
     from pruneattn import cpu
 
@@ -148,10 +155,10 @@ def test_markdown_report_and_h100_model(accounts):
         "environment": {"date": "d", "torch": "t", "triton": "tr", "device": "cpu"},
         "batch": 1, "dtype": "float16", "shapes": list(accounts.values()), "nxn_check": None,
     }
-    md = A.markdown(res)
+    md = markdown(res)
     assert "model, not a measurement" in md
     assert md.count("| fused cls (var) |") == len(SHAPES)
-    b = A.h100_bound(int(3.35e12), int(989e12 / 2))
+    b = h100_bound(int(3.35e12), int(989e12 / 2))
     assert b["bound"] == "memory" and math.isclose(b["seconds"], 1.0)
 
 
@@ -160,4 +167,48 @@ def test_hooks_fail_clearly_without_hook_points(monkeypatch):
 
     monkeypatch.delattr(interpreter.InterpreterBuilder, "create_masked_load")
     with pytest.raises(RuntimeError, match="create_masked_load"):
-        A.check_interpreter()
+        check_interpreter()
+
+
+def test_command_line_writes_the_report_and_its_json(tmp_path, monkeypatch, capsys):
+    """``python -m tools.gpu_build --account`` with the interpreter on runs in-process and writes both files."""
+    import functools
+    import json
+
+    from tools.gpu_build import __main__ as cli
+    from tools.gpu_build import nxn
+
+    monkeypatch.setattr(nxn, "nxn_check", functools.partial(nxn.nxn_check, B=1, H=2, N=70, d=16))  # a small check
+    assert cli.main(["--account", "--shapes", "2:17", "--no-progress", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "account.md").read_text()
+    assert md in capsys.readouterr().out
+    assert md.count("| 2 | 17 | fused cls (var) |") == 1 and "## N x N check" in md
+    data = json.loads((tmp_path / "account.json").read_text())
+    assert [(s["H"], s["N"], s["B"]) for s in data["shapes"]] == [(2, 17, 1)]
+
+
+def test_command_line_reruns_itself_with_the_interpreter(tmp_path, monkeypatch):
+    """Without TRITON_INTERPRET the account runs in a child process that has it, from this checkout."""
+    import pruneattn.backend
+    from tools.gpu_build import __main__ as cli
+    from tools.gpu_build.child import ROOT
+
+    calls = []
+    monkeypatch.setattr(pruneattn.backend, "interpreting", lambda: False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    assert cli.main(["--account", "--smoke", "--out", str(tmp_path)]) == 0
+    ((cmd, env),) = calls
+    assert cmd[1:] == ["-m", "tools.gpu_build", "--account", "--batch", "1", "--out", str(tmp_path), "--smoke"]
+    assert env["TRITON_INTERPRET"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
+def test_command_line_needs_a_suite_and_says_when_it_cannot_build(monkeypatch, capsys):
+    from tools.gpu_build import __main__ as cli
+    from tools.gpu_build import build
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2 and "--account, --build or both" in capsys.readouterr().err
+    monkeypatch.setattr(build, "toolchain", lambda: {"missing": "no ptxas"})
+    assert cli.main(["--build", "--smoke"]) == 2
+    assert "cannot build for a GPU here: no ptxas" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``benchmarks/accuracy.py`` end to end on a tiny slice: every part runs, shards of one part merge in the
+"""``tools/accuracy.py`` end to end on a tiny slice: every part runs, shards of one part merge in the
 report, and the report's numbers are the JSON's.
 
 The data folder is made from the shipped sample (written as idx files), so this runs without the
@@ -17,6 +17,7 @@ import torch
 import pruneattn
 from helpers import write_idx
 from pruneattn.fashion_mnist import datasets
+from pruneattn.validate import STATS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def accuracy(tmp_path, monkeypatch):
         write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images, 0x08)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels.astype(np.uint8), 0x08)
     monkeypatch.setenv("PRUNEATTN_FASHION_MNIST", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("accuracy_script", ROOT / "benchmarks" / "accuracy.py")
+    spec = importlib.util.spec_from_file_location("accuracy_script", ROOT / "tools" / "accuracy.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     n = torch.get_num_threads()
@@ -128,7 +129,7 @@ def test_head_count_report_pairs_the_rows_of_each_model(accuracy, tmp_path):
         assert accuracy.main([*ft, "--stat-list", stat, "--seed-list", str(seed), "--out", str(out)]) == 0
     assert accuracy.main(["--report-heads", "--heads-results", str(heads)]) == 0
     md = (heads / "heads.md").read_text()
-    tuned = {s: [] for s in ("var", "mad", "mean")}
+    tuned = {s: [] for s in STATS}
     for f in sorted((heads / "h6").glob("accuracy_b_*.json")):
         for r in json.loads(f.read_text())["rows"]:
             tuned[r["stat"]].append(100 * r["top1"])

@@ -7,6 +7,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
+from pruneattn.validate import QUERIES, STATS
 from helpers import poisoned_allocations, random_qkv, rel_err, tol
 
 # (B, H, N, d): odd N, N not a multiple of any block, N = 1 + 196 and 1 + 324, batch 1, H in 1..16.
@@ -26,7 +27,7 @@ def _check(backend, shape, dtype, device, query, num_prefix=1, packed=True):
     B, H, N, d = shape
     q, k, v = random_qkv(B, H, N, d, dtype, device, packed=packed, seed=N * H)
     qd, kd, vd = (t.detach().cpu().double() for t in (q, k, v))  # the same rounded inputs, in fp64
-    for stat in ("var", "mad", "mean"):
+    for stat in STATS:
         with pruneattn.use_backend(backend), poisoned_allocations():
             res = pruneattn.attention_stats(q, k, v, stat=stat, query=query, num_prefix=num_prefix)
         ref_out, _ = R.attention_scores(qd, kd, vd, stat=stat, query=query, num_prefix=num_prefix)
@@ -41,14 +42,14 @@ def _check(backend, shape, dtype, device, query, num_prefix=1, packed=True):
         assert rel_err(res.head_mean, ref_a.mean(1)) < tol(dtype)
 
 
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_attention_matches_reference(shape, dtype, query, device):
     _check("triton", shape, dtype, device, query)
 
 
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_cpu_path_matches_reference(shape, dtype, query):
@@ -91,7 +92,7 @@ def test_scores_carry_no_gradient(device):
     assert res.out.requires_grad and not res.scores.requires_grad and not res.head_mean.requires_grad
 
 
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 def test_long_sequence(query, device):
     # N = 1024 + 1: many key blocks and a last block holding a single token.
     q, k, v = random_qkv(1, 2, 1025, 32, torch.float32, device, seed=11)

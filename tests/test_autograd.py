@@ -4,10 +4,11 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
+from pruneattn.validate import QUERIES
 from helpers import random_qkv, rel_err
 
 
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("shape", [(2, 3, 17, 32), (1, 6, 197, 64), (1, 1, 40, 128)], ids=str)
 def test_attention_gradients(shape, backend, query, device):

@@ -13,9 +13,9 @@ import pkgutil
 import pytest
 import torch
 
-from pruneattn.bench.static import build as B
-from pruneattn.bench.static.arch import ARCHS, occupancy
-from pruneattn.bench.static.launches import Launch, with_bfloat16
+from tools.gpu_build import build as B
+from tools.gpu_build.arch import ARCHS, occupancy
+from tools.gpu_build.launches import Launch, with_bfloat16
 
 TOOLS = B.toolchain()
 needs_toolchain = pytest.mark.skipif("missing" in TOOLS, reason=f"no GPU toolchain: {TOOLS.get('missing')}")
@@ -36,7 +36,7 @@ def _subset(launches: list[Launch]) -> list[B.Job]:
 
 @pytest.fixture(scope="module")
 def launches() -> list[Launch]:
-    from pruneattn.bench.static import suite
+    from tools.gpu_build import suite
 
     return suite.record(("float16", "float32"), (64, 128), ((3, 197),))
 
@@ -65,7 +65,7 @@ def test_the_sweep_launches_every_kernel_in_every_variant(launches):
     assert {launch.name for launch in launches} == _kernel_names()
     attention = {(la.dtype, la.head_dim, dict(la.constexprs)["STORE_CLS"]) for la in launches if la.name == "attention_fwd"}
     assert attention == {(dt, d, cls) for dt in ("float16", "bfloat16", "float32") for d in (64, 128) for cls in (True, False)}
-    stats = {(dict(la.constexprs)["STAT"], dict(la.constexprs)["IS_CLS"]) for la in launches if la.name == "head_stats"}
+    stats = {(dict(la.constexprs)["STAT"], dict(la.constexprs)["IS_CLS"]) for la in launches if la.name == "head_statistic"}
     assert stats == {(s, c) for s in (0, 1, 2) for c in (True, False)}
     assert {la.dtype for la in launches if la.name == "fuse"} == {"float16", "bfloat16", "float32"}
     for la in launches:
@@ -181,6 +181,7 @@ def test_prune_picks_the_candidates_of_the_dtype():
     from pruneattn.kernels.attention import _CONFIGS, _attention_fwd_kernel
 
     prune = _attention_fwd_kernel.early_config_prune
+    assert isinstance(prune, _config.ConfigPrune)  # what the GPU build looks for
     every = _CONFIGS + _config.FP32_ATTENTION_CONFIGS
     # On CPU tensors there is no shared-memory limit: only the dtype and the tile sizes decide.
     half = prune(every, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=32)

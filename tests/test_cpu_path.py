@@ -11,7 +11,8 @@ import torch
 import pruneattn
 from pruneattn import cpu
 from pruneattn import reference as R
-from pruneattn.bench.account import OpRecorder
+from pruneattn.bench.recorder import OpRecorder
+from pruneattn.validate import QUERIES, STATS
 from helpers import poisoned_allocations, random_qkv
 
 
@@ -36,13 +37,13 @@ def _check(q, k, v, stat, query, num_prefix=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 @pytest.mark.parametrize("shape", [(3, 6, 197, 64), (2, 4, 130, 32), (5, 2, 7, 16), (1, 3, 1, 64)])
 def test_matches_reference(shape, dtype, query):
     if query == "cls" and shape[2] == 1:
         pytest.skip("query='cls' needs a patch token after the class token")
     q, k, v = random_qkv(*shape, dtype, torch.device("cpu"))
-    for stat in ("var", "mad", "mean"):
+    for stat in STATS:
         _check(q, k, v, stat, query, num_prefix=0 if shape[2] == 1 else 1)
 
 
@@ -50,7 +51,7 @@ def test_matches_reference(shape, dtype, query):
 @pytest.mark.parametrize("num_prefix", [1, 2, 5])
 def test_layouts_and_prefix(packed, num_prefix):
     q, k, v = random_qkv(2, 3, 70, 64, torch.float32, torch.device("cpu"), packed=packed, seed=num_prefix)
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         _check(q, k, v, "var", query, num_prefix)
 
 
@@ -82,7 +83,7 @@ def test_without_sdpa_statistics(monkeypatch):
     monkeypatch.setattr(cpu, "_FLASH_CPU", None)
     q, k, v = random_qkv(2, 3, 150, 64, torch.float32, torch.device("cpu"))
     assert cpu.sdpa_with_lse(q, k, v, 0.125)[1] is None
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         _check(q, k, v, "mad", query)
 
 
@@ -97,7 +98,7 @@ def test_gradient_flows_through_the_cpu_path():
         torch.testing.assert_close(t.grad, r.grad)
 
 
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 def test_no_nxn_tensor_and_mean_temporary_is_one_chunk(query):
     B, H, N, d = 2, 3, 300, 64  # N larger than B * H, d and the chunk: any N x N slab is visible
     q, k, v = random_qkv(B, H, N, d, torch.float32, torch.device("cpu"))

@@ -98,3 +98,26 @@ def test_panel_titles_count_patches_and_show_the_prediction():
     assert "WRONG" in wrong and datasets.CLASSES[2] in wrong
     right = demo.panel_title("mad", 9, 23, 0, 0)
     assert "right" in right and datasets.CLASSES[0] in right
+
+
+def test_progress_bars_are_optional(monkeypatch, fast_backend):
+    """Without tqdm the demo predicts the same and the training's bar calls do nothing."""
+    import sys
+
+    import torch
+
+    from pruneattn._progress import progress_bar
+    from pruneattn.fashion_mnist.train import load_model
+
+    model, ckpt = load_model()
+    images, _ = datasets.load_sample()
+    x = datasets.normalize(datasets.make_view(images[:8], np.arange(8), canvas=ckpt["config"]["canvas"], seed=0))
+    with_bars = demo.predict(model, x, batch_size=4, progress=True)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert torch.equal(demo.predict(model, x, batch_size=4, progress=True), with_bars)
+    bar = progress_bar(total=3, desc="train", unit="step")
+    bar.update(1)
+    bar.set_postfix(loss="0.100", refresh=False)
+    bar.close()
+    assert list(progress_bar(range(3), desc="eval")) == [0, 1, 2]

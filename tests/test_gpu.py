@@ -4,6 +4,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
+from pruneattn.validate import QUERIES, STATS
 from helpers import poisoned_allocations, random_qkv, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -12,14 +13,14 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(64, 6, 197, 64), (4, 16, 1025, 64), (8, 12, 577, 128), (1, 1, 1000, 32)], ids=str)
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 def test_kernels_on_gpu(shape, dtype, query):
     q, k, v = random_qkv(*shape, dtype, CUDA, seed=1)
     qd, kd, vd = (t.double() for t in (q, k, v))
     a = R.received_attention(R.attention_probs(qd, kd), query)[:, :, 1:]
     ref_out = R.attention_probs(qd, kd) @ vd
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for stat in ("var", "mad", "mean"):
+    for stat in STATS:
         with poisoned_allocations():
             res = pruneattn.attention_stats(q, k, v, stat=stat, query=query)
         assert rel_err(res.out, ref_out) < tol

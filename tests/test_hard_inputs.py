@@ -16,6 +16,7 @@ from pruneattn import reference as R
 from pruneattn.patch.prune import prune_tokens
 from pruneattn.patch.state import BlockConfig, Plan, scoped
 from pruneattn.ops import AttentionStats
+from pruneattn.validate import QUERIES, STATS
 
 NAN, INF = float("nan"), float("inf")
 
@@ -70,7 +71,7 @@ def _check_against_reference(backend, q, k, v, query):
 @pytest.mark.parametrize("N", [1, 2, 3, 5, 9, 33])
 def test_cpu_path_non_finite_like_reference(N, dtype):
     """The CPU path (SDPA's fused kernel) follows the reference's float32 softmax on NaN / inf inputs."""
-    cases = itertools.product("qkv", [NAN, INF, -INF], sorted({0, N // 2, N - 1}), ["cls", "mean"])
+    cases = itertools.product("qkv", [NAN, INF, -INF], sorted({0, N // 2, N - 1}), QUERIES)
     for where, value, row, query in cases:
         if query == "cls" and N == 1:
             continue
@@ -92,7 +93,7 @@ def test_nan_in_a_query_row_reaches_its_output_row():
 @pytest.mark.parametrize("N", [2, 33])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_kernels_non_finite_like_reference(where, N, dtype, device):
-    for value, query in itertools.product([NAN, INF], ["cls", "mean"]):
+    for value, query in itertools.product([NAN, INF], QUERIES):
         q, k, v = (t.to(device) for t in _poisoned(where, value, N // 2, N=N, dtype=dtype))
         _check_against_reference("triton", q, k, v, query)
 
@@ -262,8 +263,8 @@ def test_float64_selection_is_exact(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("stat", ["var", "mad", "mean"])
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("query", QUERIES)
 def test_reference_half_precision_scores_in_float32(dtype, stat, query):
     q, k, v = qkv(2, 6, 30, 16, dtype)
     out, scores, head_mean = R.attention_stats(q, k, v, stat=stat, query=query)

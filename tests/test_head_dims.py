@@ -9,7 +9,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
-from pruneattn.kernels import choose
+from pruneattn.backend import use_attention_kernel
 from helpers import poisoned_allocations, random_qkv, rel_err, tol
 
 HEAD_DIMS = (16, 24, 40, 72, 80, 96, 256)
@@ -19,7 +19,7 @@ def _check(d: int, dtype: torch.dtype, query: str, device: torch.device, attenti
     B, H, N = 2, 3, 37  # N over one 32-key block: a full block and a masked tail
     q, k, v = random_qkv(B, H, N, d, dtype, device, seed=d)
     qd, kd, vd = (t.detach().cpu().double() for t in (q, k, v))
-    with pruneattn.use_backend("triton"), choose.force(attention), poisoned_allocations():
+    with pruneattn.use_backend("triton"), use_attention_kernel(attention), poisoned_allocations():
         res = pruneattn.attention_stats(q, k, v, stat=stat, query=query)
     ref_out, _ = R.attention_scores(qd, kd, vd, stat=stat, query=query)
     ref_a = R.received_attention(R.attention_probs(qd, kd), query)[:, :, 1:]
@@ -55,12 +55,12 @@ def test_head_dims_outside_the_kernels_range_name_d(d, device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the account runs the kernels in the interpreter")
 @pytest.mark.parametrize("d", [24, 72])
 def test_padded_head_dim_moves_only_real_elements(d):
-    from pruneattn.bench import account as A
+    from tools.gpu_build import account as A
 
     B, H, N, es = 1, 3, 40, 2  # float16
     padded, square = A.kernel_accounts(B, H, N, d=d), A.kernel_accounts(B, H, N, d=64)
     tensor_bytes = B * H * N * d * es
-    for name in ("attention_fwd[cls]", "attention_fwd[mean]", "column_mean", "class_rows"):
+    for name in ("attention_fwd[cls]", "attention_fwd[mean]", "column_mean", "class_row"):
         acc, ref = padded[name].by_buffer, square[name].by_buffer
         for buf in ("q", "k", "v"):
             if buf in ref and ref[buf].loads_unique == B * H * N * 64 * es:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import pruneattn
 from helpers import random_qkv, rel_err
 from pruneattn import reference as R
+from pruneattn.validate import MODES, QUERIES, STATS
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=12, **_COMMON)
@@ -34,11 +35,11 @@ def problems(draw):
     H = draw(st.sampled_from([1, 2, 3, 5, 6, 12, 16]))
     N = draw(st.integers(2, 90))
     d = draw(st.sampled_from([32, 64]))
-    query = draw(st.sampled_from(["cls", "mean"]))
+    query = draw(st.sampled_from(QUERIES))
     num_prefix = draw(st.integers(1 if query == "cls" else 0, min(4, N - 1)))
-    stat = draw(st.sampled_from(["var", "mad", "mean"]))
+    stat = draw(st.sampled_from(STATS))
     keep_rate = draw(st.floats(0.01, 1.0))
-    mode = draw(st.sampled_from(["drop", "fuse"]))
+    mode = draw(st.sampled_from(MODES))
     dtype = draw(st.sampled_from([torch.float32, torch.float16]))
     seed = draw(st.integers(0, 2**16))
     return B, H, N, d, query, num_prefix, stat, keep_rate, mode, dtype, seed
@@ -107,7 +108,7 @@ def hard_attention(draw, backend):
     queries = ["mean"] + (["cls"] if N >= 2 else [])
     query = draw(st.sampled_from(queries))
     num_prefix = draw(st.integers(1 if query == "cls" else 0, min(3, N - 1)))
-    stat = draw(st.sampled_from(["var", "mad", "mean"]))
+    stat = draw(st.sampled_from(STATS))
     dtypes = [torch.float32, torch.float16]
     if backend == "cpu":
         dtypes += [torch.bfloat16, torch.float64]
@@ -186,7 +187,7 @@ def hard_selection(draw, backend):
     dtype = draw(st.sampled_from(dtypes))
     layout = draw(st.sampled_from(["contiguous", "transposed", "expanded"]))
     scores = draw(st.lists(st.sampled_from(SCORE_VALUES), min_size=B * P, max_size=B * P))
-    mode = draw(st.sampled_from(["drop", "fuse"]))
+    mode = draw(st.sampled_from(MODES))
     weights = draw(st.lists(st.sampled_from(WEIGHT_VALUES), min_size=B * P, max_size=B * P))
     x_nan = draw(st.lists(st.integers(0, 10**6), max_size=2))
     seed = draw(st.integers(0, 2**16))

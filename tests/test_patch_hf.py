@@ -20,6 +20,7 @@ import pruneattn
 from model_reference import hf_forward, kernel_device, one_thread, token_counts  # noqa: F401 (fixtures)
 from pruneattn.patch.blocks import PrunedSequential
 from pruneattn.patch.swap import derived_class
+from pruneattn.validate import MODES, QUERIES
 
 PrunedViTLayer = derived_class(PrunedSequential, ViTLayer)
 PrunedDeiTLayer = derived_class(PrunedSequential, DeiTLayer)
@@ -65,9 +66,9 @@ def test_keep_rate_one_cpu_matches_unpatched(cpu_backend, cls):
     torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("deit", [False, True])
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("query", QUERIES)
 def test_pruned_matches_reference(cpu_backend, mode, deit, query):
     cls, config_cls = (DeiTForImageClassification, DeiTConfig) if deit else (ViTForImageClassification, ViTConfig)
     model = build(cls, config_cls).double()

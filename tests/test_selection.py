@@ -4,6 +4,7 @@ import torch
 
 import pruneattn
 from pruneattn import reference as R
+from pruneattn.validate import MODES, QUERIES, STATS
 from helpers import poisoned_allocations, random_qkv, rel_err
 
 CASES = [  # (B, N, C, num_prefix, keep_rate or k)
@@ -25,7 +26,7 @@ def _select(backend, x, scores, spec, num_prefix, mode, weights):
         )
 
 
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -77,7 +78,7 @@ def test_kernel_ranks_nan_lowest(device):
     assert keep.tolist() == [[1, 1, 1, 0, 1, 0]]
 
 
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_selection_gradient(backend, mode, device):
     dev = device if backend == "triton" else torch.device("cpu")
@@ -94,8 +95,8 @@ def test_selection_gradient(backend, mode, device):
     assert rel_err(grad.cpu(), ref_grad) < 1e-6
 
 
-@pytest.mark.parametrize("stat", ["var", "mad", "mean"])
-@pytest.mark.parametrize("query", ["cls", "mean"])
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("query", QUERIES)
 def test_kernel_pipeline_selects_what_the_reference_selects(stat, query, device):
     """Scores from the kernels, then selection: the kept set equals the reference's wherever the
     reference's k-th and (k+1)-th scores are further apart than the kernel's score error."""

@@ -9,6 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import DeiTConfig, DeiTForImageClassification
 
 import pruneattn
+from pruneattn.validate import MODES
 from model_reference import hf_forward, kernel_device, one_thread, timm_forward  # noqa: F401 (fixtures)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=4)
@@ -41,7 +42,7 @@ def assert_grads_close(got: dict, expected: dict, rtol: float) -> None:
         assert err <= rtol * (ref.double().norm() + 1e-3 * total), (name, float(err), float(ref.norm()))
 
 
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
+@pytest.mark.parametrize("mode", MODES)
 def test_gradients_reach_every_trained_parameter(mode):
     model = tiny(reg_tokens=1).train()
     x, y = batch()
@@ -57,7 +58,7 @@ def test_gradients_reach_every_trained_parameter(mode):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("mode", ["drop", "fuse"])
+@pytest.mark.parametrize("mode", MODES)
 def test_gradients_match_float64_reference(backend, mode):
     """Gradients of every parameter and of the input, patched model vs eager reference, float64.
 

@@ -1,8 +1,5 @@
-"""``pruneattn bench`` (also ``python -m pruneattn.bench``): benchmarks and the kernel account.
+"""``pruneattn bench`` (also ``python -m pruneattn.bench``): benchmarks of the kernels, the CPU path and models.
 
-    pruneattn bench --account            exact bytes / FLOPs of every Triton kernel (interpreter)
-    pruneattn bench --build              every kernel variant compiled for sm_80 / sm_90 / sm_100, no GPU needed:
-                                         registers, spills, shared memory, tensor cores, occupancy
     pruneattn bench --cpu-ops            CPU path vs SDPA alone vs eager attention, with the speed targets
     pruneattn bench --cpu-models         DeiT-S / ViT-S-384 on the CPU, with the speed targets
     pruneattn bench --ops                op-level suite (GPU: bf16 + fp16, all standard shapes)
@@ -13,8 +10,7 @@
 ``--out DIR`` writes ``<suite>.json`` (every number with device, versions, dtype, shapes, date),
 ``<suite>.md`` and ``<suite>.png`` into DIR; a table is printed either way. ``--smoke`` runs tiny
 shapes once and skips the peak-memory subprocesses (seconds: what CI runs); its outputs say so and judge
-no target. Timings are printed, never
-asserted.
+no target. Timings are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -26,7 +22,7 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("account", "build", "cpu-ops", "cpu-models", "ops", "models")
+_SUITES = ("cpu-ops", "cpu-models", "ops", "models")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
@@ -45,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for the CPU suites")
     p.add_argument("--reps", type=int, default=None, help="timing repeats for the CPU suites (default: 15 for cpu-ops, 9 for cpu-models, 1 with --smoke)")
     p.add_argument("--no-memory", action="store_true", help="cpu-models: skip the peak-memory subprocesses")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -111,22 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not chosen:
         chosen = ["ops", "models"] if device.type == "cuda" else ["cpu-ops", "cpu-models"]
-    if "account" in chosen:
-        from pruneattn.bench.static import cli as static_cli
-
-        acc_argv = ["--out", args.out] if args.out else []
-        if args.smoke:
-            acc_argv += ["--shapes", "3:197"]
-        rc = static_cli.main(acc_argv)
-        if rc:
-            return rc
-    if "build" in chosen:
-        from pruneattn.bench.static import cli as static_cli
-
-        build_argv = (["--out", args.out] if args.out else []) + (["--smoke"] if args.smoke else [])
-        rc = static_cli.build_main(build_argv + (["--no-progress"] if not progress else []))
-        if rc:
-            return rc
     if "cpu-ops" in chosen:
         from pruneattn.bench import cpu_ops
         from pruneattn.bench.ops_suite import plot

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 import pruneattn
 from pruneattn import cpu
+from pruneattn._progress import progress_bar
+from pruneattn.backend import use_backend
 from pruneattn.bench.meta import environment, load_average
 from pruneattn.bench.ops_suite import _eager_scores, _qkv
 from pruneattn.bench.timing import time_cpu
-from pruneattn.dispatch import use_backend
 
 SHAPES = ((16, 6, 197, 64), (8, 12, 577, 64))
 SMOKE_SHAPES = ((2, 3, 150, 64),)
@@ -42,7 +43,7 @@ def candidates(q, k, v) -> dict:
 
 def largest_temporary(q, k, v, query: str) -> dict:
     """Largest tensor any torch op makes on the CPU path (outputs included), by recording every op."""
-    from pruneattn.bench.account import OpRecorder
+    from pruneattn.bench.recorder import OpRecorder
 
     with use_backend("cpu"), OpRecorder() as rec:
         pruneattn.attention_scores(q, k, v, query=query)
@@ -72,11 +73,7 @@ def run_cpu_ops(shapes=SHAPES, *, reps: int = 15, smoke: bool = False, threads: 
         torch.set_num_threads(threads)
     env = environment("cpu")
     rows, checks = [], []
-    it = shapes
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(shapes, desc="cpu ops", unit="shape")
+    it = progress_bar(shapes, enabled=progress, desc="cpu ops", unit="shape")
     with use_backend("cpu"):
         for shape in it:
             _, (q, k, v) = _qkv(*shape, torch.float32, "cpu")

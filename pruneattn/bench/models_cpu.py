@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from pruneattn._progress import progress_bar
 from pruneattn.bench import models as M
 from pruneattn.bench.meta import environment, load_average
 from pruneattn.bench.timing import time_cpu
@@ -160,11 +161,7 @@ def run_models_cpu(cases=CASES, configs=CONFIGS, *, reps: int = 9, smoke: bool =
     env = environment("cpu")
     rows: list[dict] = []
     work = [(name, size, b) for name, size, batches in cases for b in batches]
-    it = work
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(work, desc="cpu models", unit="case")
+    it = progress_bar(work, enabled=progress, desc="cpu models", unit="case")
     for name, size, batch in it:
         built, shape, x, forwards = M.prepare(name, configs, batch, size)
         t = time_cpu(forwards, reps=1 if smoke else reps, warmup=0 if smoke else 1)

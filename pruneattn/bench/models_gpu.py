@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pruneattn._progress import progress_bar
 from pruneattn.bench import models as M
 from pruneattn.bench.meta import environment
 from pruneattn.bench.timing import peak_cuda_memory, time_fns
@@ -50,11 +51,7 @@ def run_models_gpu(device="cuda", cases=CASES, configs=CONFIGS, *, smoke: bool =
     env = environment(device)
     rows: list[dict] = []
     work = [(name, size, fill) for name, size, fill in cases]
-    it = work
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(work, desc="models", unit="model")
+    it = progress_bar(work, enabled=progress, desc="models", unit="model")
     for name, size, fill in it:
         for batch in (fill, 1) if batch1 else (fill,):
             built, shape, x, forwards = M.prepare(name, configs, batch, size, device=device, dtype=dtype)

@@ -3,7 +3,7 @@
 On a GPU: bfloat16 and float16, N in {197, 325, 577, 785}, H in {3, 6, 12, 16}, d = 64, a batch that
 fills the GPU (B * H * N ~ 256 * 6 * 197 rows), timed with ``triton.testing.do_bench``; both CUDA
 backends of attention + scores (fused kernel, SDPA + class-row kernel) so that the per-shape choice
-(:mod:`pruneattn.kernels.choose`) can be measured. ``smoke=True`` runs tiny shapes once (on the CPU
+(:mod:`pruneattn.backend`) can be measured. ``smoke=True`` runs tiny shapes once (on the CPU
 under ``TRITON_INTERPRET=1`` this exercises the whole suite's plumbing in seconds).
 """
 from __future__ import annotations
@@ -16,15 +16,16 @@ import torch.nn.functional as F
 
 import pruneattn
 from pruneattn import reference
+from pruneattn._progress import progress_bar
+from pruneattn.backend import backend_for, use_attention_kernel, use_backend
 from pruneattn.bench.meta import environment
 from pruneattn.bench.timing import time_fns
-from pruneattn.dispatch import backend_for, use_backend
+from pruneattn.validate import STATS
 
 NS = (197, 325, 577, 785)
 HS = (3, 6, 12, 16)
 HEAD_DIM = 64
 ROWS_PER_BATCH = 256 * 6 * 197  # B * H * N of DeiT-S at batch 256: "a batch that fills the GPU"
-STATS = ("var", "mad", "mean")
 KEEP = 0.7
 SMOKE_SHAPES = ((2, 17),)  # (H, N)
 
@@ -48,12 +49,6 @@ def _eager_scores(q, k, v, stat="var", query="cls"):
     return out, reference.head_statistic(a.float(), stat)
 
 
-def _choose_ctx(backend: str):
-    from pruneattn.kernels import choose
-
-    return choose.force(backend)
-
-
 def attention_candidates(q, k, v, kernel_backend: str) -> dict[str, Callable[[], object]]:
     """Attention + scores per stat (both CUDA backends where the Triton kernels run), SDPA, eager."""
     fns: dict[str, Callable[[], object]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
@@ -61,7 +56,7 @@ def attention_candidates(q, k, v, kernel_backend: str) -> dict[str, Callable[[],
         for backend in ("fused", "sdpa"):
             for stat in STATS:
                 def run(stat=stat, backend=backend):
-                    with _choose_ctx(backend):
+                    with use_attention_kernel(backend):
                         return pruneattn.attention_scores(q, k, v, stat=stat)
                 fns[f"{backend} cls {stat}"] = run
 
@@ -143,11 +138,7 @@ def run_ops(
         shapes = SMOKE_SHAPES if smoke else tuple((H, N) for N in NS for H in HS)
     env = environment(device)
     work = [(dt, H, N, s) for dt in dtypes for H, N in shapes for s in suites]
-    it = work
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(work, desc="op suite", unit="case")
+    it = progress_bar(work, enabled=progress, desc="op suite", unit="case")
     rows: list[dict] = []
     choices: list[dict] = []
     for dtype, H, N, suite in it:
@@ -183,7 +174,7 @@ def run_ops(
 
 def add_roofline(rows: list[dict]) -> None:
     """Fraction of the binding H100 roof (model) reached by each attention row measured on an H100."""
-    from pruneattn.bench.account import attention_floor, h100_bound
+    from pruneattn.bench.roofline import attention_floor, h100_bound
 
     for r in rows:
         if r["suite"] != "attention+scores" or "H100" not in r["device"]:

@@ -76,12 +76,6 @@ def time_fns(fns: dict[str, Callable[[], object]], device: torch.device, *, quic
     return time_cpu(fns, **({"reps": 1, "warmup": 0} if quick else kw))
 
 
-def sync() -> None:
-    """Wait for the GPU (no-op without one): pytest-benchmark times host wall clock."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def peak_cuda_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated on ``device`` while ``fn`` runs (above what was allocated before)."""
     torch.cuda.synchronize(device)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pruneattn._progress import progress_bar
+
 LAYERS = (3, 6, 9)
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "pruneattn_demo" / "kept_patches.png"
 
@@ -47,9 +49,7 @@ def images_per_second(model, x: torch.Tensor, *, repeats: int = 5, min_seconds: 
 
 @torch.no_grad()
 def predict(model, x: torch.Tensor, batch_size: int = 256, progress: bool = False, desc: str = "") -> torch.Tensor:
-    from tqdm.auto import tqdm
-
-    starts = tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False, unit="batch")
+    starts = progress_bar(range(0, len(x), batch_size), enabled=progress, desc=desc, leave=False, unit="batch")
     return torch.cat([model(x[i : i + batch_size]).argmax(-1).cpu() for i in starts])
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pruneattn._progress import progress_bar
 from pruneattn.fashion_mnist import datasets
 
 DEFAULT_CONFIG = dict(
@@ -100,8 +101,6 @@ def train(
 
     Epoch ``e`` uses canvas seed ``TRAIN_SEED_BASE + e`` and a shuffle drawn from ``seed``.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(images)
@@ -115,7 +114,7 @@ def train(
     labels_t = torch.as_tensor(labels, dtype=torch.int64)
     model.to(device).train()
     step, start, ema = 0, time.perf_counter(), None
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True, mininterval=2.0)
+    bar = progress_bar(total=total, enabled=progress, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
     epoch = 0
     while step < total:
         view = view_of(images, np.arange(n), config, TRAIN_SEED_BASE + epoch)
@@ -161,15 +160,13 @@ def evaluate(
 ) -> dict:
     """Top-1 accuracy, which images were right (``correct``, bool per image) and images/s (model forward only,
     data preparation excluded) on the test view (canvas seed 0)."""
-    from tqdm.auto import tqdm
-
     model.eval()
     device = torch.device(device)
     indices = np.arange(len(images)) if indices is None else np.asarray(indices)
     view = view_of(images, indices, config, TEST_SEED)
     labels_t = torch.as_tensor(labels, dtype=torch.int64)
     right, seconds, rates = [], 0.0, []
-    for x, y in tqdm(list(datasets.batches(view, labels_t, batch_size)), desc=desc, disable=not progress,
+    for x, y in progress_bar(list(datasets.batches(view, labels_t, batch_size)), enabled=progress, desc=desc,
                      leave=False, dynamic_ncols=True):
         x = x.to(device)
         if device.type == "cuda":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from pruneattn._env import interpreting
+from pruneattn.backend import interpreting
 from pruneattn.kernels._config import KERNEL_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
 
 

@@ -1,13 +1,14 @@
-"""Launch settings shared by the kernels: interpreter detection, autotune configs and their pruning."""
+"""Launch settings shared by the kernels: autotune configs and their pruning."""
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 
-from pruneattn._env import interpreting
+from pruneattn.backend import interpreting
 
 # Triton's dtype for each torch dtype the kernels accept (fp64 is not supported by the kernels).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,7 +24,8 @@ def configs(candidates: list[triton.Config]) -> list[triton.Config]:
 
 # float32 runs ``tl.dot`` as IEEE FMAs, not on tensor cores: both operands of every product sit in
 # registers, so it needs much smaller tiles than 16-bit inputs. Compiled for sm_80 / sm_90, the 16-bit
-# tiles spill kilobytes per thread in float32 (``pruneattn bench --build``); these do not, from d = 16 to 256.
+# tiles spill kilobytes per thread in float32 (the GPU build report, ``python -m tools.gpu_build --build``);
+# these do not, from d = 16 to 256.
 def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
@@ -117,34 +119,45 @@ def _smem_limit(index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
 
 
+@dataclass(frozen=True)
+class ConfigPrune:
+    """The autotuner's ``early_config_prune``: the candidates for the dtype of ``tensor`` (within the
+    tile limits, see :func:`for_dtype`), then those whose ``estimate`` of shared memory fits the device,
+    keeping at least one.
+
+    :meth:`for_limit` applies the same rule for any shared-memory limit and :meth:`for_element` gives
+    the dtype's candidates before any limit, so that a build for a GPU that is not present can ask
+    which candidates that GPU would keep.
+    """
+
+    estimate: SmemEstimate
+    fp32: tuple[triton.Config, ...]
+    fp32_tile: int | None = None
+    half_tile: int | None = None
+    tensor: str = "Q"
+
+    def __call__(self, configs: Sequence[triton.Config], named_args: Mapping[str, object], **kwargs: object) -> list[triton.Config]:
+        t = named_args[self.tensor]
+        return self.for_limit(configs, t.element_size(), kwargs, device_smem_limit(t.device))
+
+    def for_limit(self, configs: Sequence[triton.Config], element_size: int, constexprs: Mapping[str, object],
+                  limit: int | None) -> list[triton.Config]:
+        """The candidates kept for ``element_size`` with ``limit`` bytes of shared memory (``None``: no limit)."""
+        mine = for_dtype(configs, element_size, constexprs, self.fp32, self.fp32_tile, self.half_tile)
+        return fitting(mine, self.estimate, element_size, constexprs, limit)
+
+    def for_element(self, configs: Sequence[triton.Config], element_size: int,
+                    constexprs: Mapping[str, object]) -> list[triton.Config]:
+        """The candidates meant for ``element_size``, before the tile and shared-memory limits."""
+        return for_dtype(configs, element_size, constexprs, self.fp32)
+
+
 def prune_by(
     estimate: SmemEstimate, fp32: Sequence[triton.Config], fp32_tile: int | None = None,
     half_tile: int | None = None, tensor: str = "Q",
 ) -> dict:
-    """``prune_configs_by`` for ``triton.autotune``: the candidates for the dtype of ``tensor`` (and the
-    tile limits, see :func:`for_dtype`), then those whose estimated shared memory fits the device,
-    keeping at least one.
-
-    The prune function's ``for_limit(configs, element_size, constexprs, limit)`` applies the same rule
-    for any shared-memory limit (``pruneattn bench --build`` asks it per GPU architecture), and
-    ``for_element`` gives the dtype's candidates before any limit.
-    """
-
-    def for_limit(configs, element_size: int, constexprs: Mapping[str, object], limit: int | None):
-        mine = for_dtype(configs, element_size, constexprs, fp32, fp32_tile, half_tile)
-        return fitting(mine, estimate, element_size, constexprs, limit)
-
-    def prune(configs, named_args, **kwargs):
-        t = named_args[tensor]
-        return for_limit(configs, t.element_size(), kwargs, device_smem_limit(t.device))
-
-    def for_element(configs, element_size: int, constexprs: Mapping[str, object]):
-        return for_dtype(configs, element_size, constexprs, fp32)
-
-    prune.for_limit = for_limit
-    prune.for_element = for_element  # the dtype's candidates before the tile and shared-memory limits
-    prune.estimate = estimate
-    return {"early_config_prune": prune}
+    """``prune_configs_by`` for ``triton.autotune``: a :class:`ConfigPrune` as its ``early_config_prune``."""
+    return {"early_config_prune": ConfigPrune(estimate, tuple(fp32), fp32_tile, half_tile, tensor)}
 
 
 def next_pow2(n: int) -> int:

@@ -1,14 +1,15 @@
-"""N x N detection: the shape of every tensor the torch ops on a path make, custom ops looked inside."""
+"""The shape of every tensor the torch ops on a path make, pruneattn's custom ops looked inside.
+
+The CPU op suite uses it to find the largest temporary of ``query="mean"`` and any N x N tensor.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from pruneattn.bench.static.account import KEEP_RATE
-from pruneattn.bench.static.hooks import check_interpreter_ok
+__all__ = ["OpRecorder"]
 
-__all__ = ["OpRecorder", "nxn_check"]
 
 class OpRecorder:
     """Records the shape of every tensor a torch op makes inside it, looking inside pruneattn's custom ops.
@@ -58,33 +59,3 @@ class OpRecorder:
 
     def largest(self) -> tuple[str, tuple[int, ...]] | None:
         return max(self.records, key=lambda r: math.prod(r[1]), default=None)
-
-
-def nxn_check(B: int = 2, H: int = 3, N: int = 300, d: int = 64) -> dict:
-    """Run the op path (attention + scores + selection) under :class:`OpRecorder` on the CPU path, the
-    Triton path (interpreted) and the eager reference; report the N x N-sized outputs of each."""
-    import pruneattn
-    from pruneattn.dispatch import use_backend
-
-    if N <= max(B * H, d, 64):
-        raise ValueError("nxn_check needs N larger than B * H, d and the query chunk (else any dim >= N)")
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B, N, 3, H, d, generator=g).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    x = torch.randn(B, N, H * d, generator=g)
-    report = {}
-    for backend in ("cpu", "triton", "reference"):
-        for query in ("cls", "mean"):
-            if backend == "triton" and not check_interpreter_ok():
-                continue
-            with use_backend(backend), OpRecorder() as rec:
-                res = pruneattn.attention_stats(q, k, v, stat="var", query=query)
-                pruneattn.select_tokens(x, res.scores, keep_rate=KEEP_RATE, mode="fuse", fuse_weights=res.head_mean)
-            big = rec.largest()
-            report[f"{backend}/{query}"] = {
-                "ops": len(rec.records),
-                "nxn_outputs": [f"{op} {list(s)}" for op, s in rec.square_outputs(N)],
-                "largest_output": f"{big[0]} {list(big[1])}" if big else None,
-                "largest_numel": math.prod(big[1]) if big else 0,
-            }
-    return {"shape": [B, H, N, d], "paths": report}

@@ -1,5 +1,8 @@
 """Accuracy of attention-diversity pruning on Fashion-MNIST (the paper's experiment at small scale).
 
+Run from the repository root: ``python tools/accuracy.py --part a|b|c|t|f [options]``, then
+``python tools/accuracy.py --report`` (results in ``benchmarks/results/``; ``--help`` lists the options).
+
 The shipped model (``pruneattn/fashion_mnist/data/vit_fmnist_canvas56.pt``, see ``python -m pruneattn.fashion_mnist.train``) is
 evaluated on the full test set (10,000 images, 56 x 56 canvas view, seed 0) with pruning after the
 attention of blocks 3 / 6 / 9:
@@ -52,11 +55,11 @@ import pruneattn
 from pruneattn.fashion_mnist import datasets
 from pruneattn.fashion_mnist.demo import training_command
 from pruneattn.fashion_mnist.train import DEFAULT_WEIGHTS, evaluate, load_model, train
+from pruneattn.validate import MODES, STATS
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 LAYERS = (3, 6, 9)
 KEEP_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
-STATS = ("var", "mad", "mean")
 
 
 # ----------------------------------------------------------------------------- random-pruning control
@@ -151,7 +154,7 @@ def part_a(model, config, test, args) -> list[dict]:
     rows = [run_eval(unpatch_model(model), test, config, device=args.device,
                      label=dict(part="a", stat="none", mode="-", keep=1.0, seed=None))]
     for keep in keeps:
-        for mode in ("drop", "fuse"):
+        for mode in MODES:
             if keep == 1.0 and mode == "fuse":
                 continue  # identical to drop at keep 1.0 (nothing is dropped)
             # keep 1.0 drops nothing, so every score gives the unpruned accuracy; run var only (its images/s
@@ -252,7 +255,7 @@ def part_t(model, config, test, args) -> list[dict]:
     x = datasets.normalize(datasets.make_view(images[: args.t_batch], np.arange(args.t_batch),
                                               canvas=config["canvas"], seed=0)).to(args.device)
     configs = [("none", 1.0, "-")] + [("var", 1.0, "drop")] + [
-        (stat, keep, mode) for keep in KEEP_RATES[1:] for mode in ("drop", "fuse") for stat in STATS + ("random",)]
+        (stat, keep, mode) for keep in KEEP_RATES[1:] for mode in MODES for stat in STATS + ("random",)]
     best = {c: 0.0 for c in configs}
     toks = {}
     for rnd in range(args.t_rounds):
@@ -377,7 +380,7 @@ def report(args) -> None:
         lines += ["## (a) Trained model, no fine-tuning", "",
                   f"Unpruned (timm's own forward): top-1 **{100 * base['top1']:.2f}%**, "
                   f"{base['images_per_s_median']:.0f} images/s.", ""]
-        for mode in ("drop", "fuse"):
+        for mode in MODES:
             lines += [f"### mode = {mode}", "",
                       "| keep | tokens per block (0..11) | var | mad | mean (EViT) | random (3 seeds) | images/s (var; noisy, see Throughput) |",
                       "|---|---|---|---|---|---|---|"]
@@ -395,7 +398,7 @@ def report(args) -> None:
         lines += ["### Differences in top-1 (percentage points; random = mean over its seeds)", "",
                   "| mode | keep | var - mean | mad - mean | var - random | mad - random | mad - var |",
                   "|---|---|---|---|---|---|---|"]
-        for mode in ("drop", "fuse"):
+        for mode in MODES:
             for keep in KEEP_RATES[1:]:
                 acc = {s: [r["top1"] for r in rows if r["keep"] == keep and r["mode"] == mode and r["stat"] == s]
                        for s in STATS + ("random",)}
@@ -474,7 +477,7 @@ def plot(parts, res: Path) -> None:
     ft_epochs = max((r.get("ft_epochs") or 0 for r in parts["b"]["rows"]), default=0) if "b" in parts else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     colors = {"var": "C0", "mad": "C1", "mean": "C2", "random": "C7"}
-    for ax, mode in zip(axes, ("drop", "fuse")):
+    for ax, mode in zip(axes, MODES):
         for stat in STATS + ("random",):
             xs, ys, es = [], [], []
             for keep in KEEP_RATES:
@@ -588,7 +591,7 @@ def report_heads(args) -> None:
               "| mode | keep | heads | " + " | ".join(scores) + " | mad - var | mean - var |",
               "|---|---|---|" + "---|" * (len(scores) + 2)]
     gaps: dict = {}
-    for mode in ("drop", "fuse"):
+    for mode in MODES:
         for keep in KEEP_RATES[1:]:
             for h, parts in models.items():
                 rows = [r for r in parts["a"]["rows"] if r["keep"] == keep and r["mode"] == mode]
@@ -644,7 +647,7 @@ def plot_heads(gaps: dict, tuned: dict, heads: list[int], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
-    for ax, mode in zip(axes, ("drop", "fuse")):
+    for ax, mode in zip(axes, MODES):
         for i, keep in enumerate(KEEP_RATES[1:]):
             hs = [h for h in heads if (mode, keep, h) in gaps]
             if not hs:
@@ -743,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_meta": ckpt.get("meta", {}), "n_test": len(test[1]),
             "config": config, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
-            "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python tools/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.time() - t0), "ft": None if args.part == "a" else
             f"{args.ft_epochs} epoch(s) of the 60,000 training images, batch {args.batch_size}, AdamW lr {args.ft_lr} "
             f"(warm-up {args.ft_warmup} steps, cosine to {args.ft_lr / 100}), label smoothing 0.1, flips"}

@@ -46,7 +46,7 @@ def _builder_class():
 
 def check_interpreter() -> None:
     """Raise unless the Triton kernels are interpreted and the interpreter can be hooked."""
-    from pruneattn._env import interpreting
+    from pruneattn.backend import interpreting
 
     if not interpreting():
         raise RuntimeError("kernel account: set TRITON_INTERPRET=1 before importing pruneattn's kernels")

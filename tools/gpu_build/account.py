@@ -13,15 +13,15 @@ executes the same loads, stores and dots, so the counts are the GPU's, exactly:
 Beside each kernel: its floor (Q, K, V read once; output, scores, indices, kept tokens written once),
 the same account modelled for SDPA (flash: K and V re-read per query block, the per-row log-sum-exp
 written) and for the eager path (the N x N matrix written and read back), and a lower-bound time on an
-H100 SXM from its public figures (3.35 TB/s, 989 TFLOP/s dense bf16; :mod:`.traffic`). **The times are a
-model, not a measurement.** Counts are per image (batch 1 is run; every count is linear in B, which
-``tests/test_account.py`` checks) and scaled to batch 256 for the time bounds.
+H100 SXM from its public figures (3.35 TB/s, 989 TFLOP/s dense bf16; :mod:`pruneattn.bench.roofline`).
+**The times are a model, not a measurement.** Counts are per image (batch 1 is run; every count is
+linear in B, which ``tests/test_account.py`` checks) and scaled to batch 256 for the time bounds.
 
 Attention runs in float16 in the interpreter (it has no bfloat16); bfloat16 moves the same bytes.
 
-``pruneattn bench --account --out DIR`` (or ``python benchmarks/account.py``) writes
-``account.json`` and ``account.md``. The interpreter must be on before Triton defines the kernels,
-so the command re-runs itself in a subprocess with ``TRITON_INTERPRET=1`` when needed.
+``python -m tools.gpu_build --account --out DIR`` writes ``account.json`` and ``account.md``. The
+interpreter must be on before Triton defines the kernels, so the command re-runs itself in a
+subprocess with ``TRITON_INTERPRET=1`` when needed.
 """
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pruneattn.bench.static.hooks import _Accesses, check_interpreter, hooked
-from pruneattn.bench.static.traffic import H100, attention_floor, eager_model, flash_model, h100_bound, select_floor
+from pruneattn._progress import progress_bar
+from pruneattn.bench.roofline import H100, attention_floor, h100_bound
+from pruneattn.validate import QUERIES, STATS, num_kept
+from tools.gpu_build.hooks import _Accesses, check_interpreter, hooked
+from tools.gpu_build.traffic import eager_model, flash_model, select_floor
 
 __all__ = [
     "BOUND_BATCH", "HEAD_DIM", "HS", "KEEP_RATE", "NS", "STANDARD_SHAPES", "KernelAccount", "Traffic",
@@ -193,12 +196,11 @@ def kernel_accounts(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtyp
     """Every kernel, hooked, on random (never zero) inputs of one shape; separate q, k, v buffers."""
     check_interpreter()
     from pruneattn.kernels.attention import attention_fwd
-    from pruneattn.kernels.colsum import column_mean
+    from pruneattn.kernels.class_row import class_row
+    from pruneattn.kernels.column_mean import column_mean
     from pruneattn.kernels.gather import fuse_dropped, gather_kept
-    from pruneattn.kernels.head_stats import head_stats
-    from pruneattn.kernels.prefix_rows import class_rows
+    from pruneattn.kernels.head_statistic import head_statistic
     from pruneattn.kernels.select import select_topk
-    from pruneattn.validate import num_kept
 
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, N, d, generator=g).to(dtype) for _ in range(3))
@@ -216,7 +218,7 @@ def kernel_accounts(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtyp
         return run
 
     fwd_out: dict[str, dict] = {}
-    for query in ("cls", "mean"):
+    for query in QUERIES:
         runner = fwd(query == "cls")
         a = account(f"attention_fwd[{query}]", lambda r=runner, qq=query: fwd_out.setdefault(qq, r()), qkv)
         acc[a.name] = a
@@ -225,25 +227,30 @@ def kernel_accounts(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtyp
     acc["column_mean"] = account(
         "column_mean", lambda: {"received": cm.setdefault("received", column_mean(q, k, lse, scale))}, {**qkv, "lse": lse}
     )
-    for query, received, row_stats in (
-        ("cls", fwd_out["cls"]["cls_logits"], fwd_out["cls"]["lse"]),
-        ("mean", cm["received"], lse),
+    for query, received, class_lse in (
+        ("cls", fwd_out["cls"]["cls_logits"], fwd_out["cls"]["lse"][:, :, 0]),
+        ("mean", cm["received"], None),
     ):
-        for stat in ("var", "mad", "mean"):
-            ins = {"received": received, "lse": row_stats}
+        for stat in STATS:
+            ins = {"received": received, "lse": fwd_out[query]["lse"]}  # class_lse is a view of lse
 
-            def run_stats(received=received, row_stats=row_stats, stat=stat, query=query):
-                s, m = head_stats(received, row_stats, num_prefix=1, stat=stat, is_cls=query == "cls")
+            def run_stats(received=received, class_lse=class_lse, stat=stat):
+                s, m = head_statistic(received, stat=stat, num_prefix=1, class_lse=class_lse)
                 return {"scores": s, "head_mean": m}
 
-            acc[f"head_stats[{query},{stat}]"] = account(f"head_stats[{query},{stat}]", run_stats, ins)
-    rows_out: dict[str, torch.Tensor] = {}
-    acc["class_rows"] = account("class_rows", lambda: {"rows": rows_out.setdefault("rows", class_rows(q, k, scale))}, {"q": q, "k": k})
-    rows = rows_out["rows"]
-    acc["head_stats[sdpa-cls,var]"] = account(
-        "head_stats[sdpa-cls,var]",
-        lambda: dict(zip(("scores", "head_mean"), head_stats(rows, rows, num_prefix=1, stat="var", is_cls=True))),
-        {"rows": rows},
+            acc[f"head_statistic[{query},{stat}]"] = account(f"head_statistic[{query},{stat}]", run_stats, ins)
+    row: dict[str, torch.Tensor] = {}
+
+    def run_class_row():
+        row["logits"], row["lse"] = class_row(q, k, scale)
+        return dict(row)
+
+    acc["class_row"] = account("class_row", run_class_row, {"q": q, "k": k})
+    acc["head_statistic[sdpa-cls,var]"] = account(
+        "head_statistic[sdpa-cls,var]",
+        lambda: dict(zip(("scores", "head_mean"),
+                         head_statistic(row["logits"], stat="var", num_prefix=1, class_lse=row["lse"]))),
+        dict(row),
     )
     # Selection + gather on tokens x (B, N, C), C = H * d, scored by random float32 scores.
     C = H * d
@@ -283,11 +290,11 @@ def shape_account(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtype 
     P = N - 1
     k = math.ceil(round(KEEP_RATE * P, 9))
     pipelines = {
-        "fused cls (var)": combine("fused cls (var)", [kernels["attention_fwd[cls]"], kernels["head_stats[cls,var]"]]),
+        "fused cls (var)": combine("fused cls (var)", [kernels["attention_fwd[cls]"], kernels["head_statistic[cls,var]"]]),
         "fused mean (var)": combine(
-            "fused mean (var)", [kernels["attention_fwd[mean]"], kernels["column_mean"], kernels["head_stats[mean,var]"]]
+            "fused mean (var)", [kernels["attention_fwd[mean]"], kernels["column_mean"], kernels["head_statistic[mean,var]"]]
         ),
-        "sdpa + class row (var)": combine("sdpa + class row (var)", [kernels["class_rows"], kernels["head_stats[sdpa-cls,var]"]]),
+        "sdpa + class row (var)": combine("sdpa + class row (var)", [kernels["class_row"], kernels["head_statistic[sdpa-cls,var]"]]),
         "select + gather (drop)": combine("select + gather (drop)", [kernels["select_topk"], kernels["gather_kept"]]),
         "select + gather (fuse)": combine("select + gather (fuse)", [kernels["select_topk"], kernels["gather_kept+fuse_dropped"]]),
     }
@@ -329,7 +336,7 @@ def shape_account(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtype 
         }
     sdpa_row = dict(flash)
     sdpa_row["h100_bound"] = h100_bound(int((flash["loads_unique"] + flash["stores_unique"]) * scale_to), int(flash["flops_exact"] * scale_to))
-    eager = {q: eager_model(B, H, N, d, es, q) for q in ("cls", "mean")}
+    eager = {q: eager_model(B, H, N, d, es, q) for q in QUERIES}
     for q, e in eager.items():
         e["h100_bound"] = h100_bound(int((e["loads"] + e["stores"]) * scale_to), int(e["flops_exact"] * scale_to))
     return {
@@ -345,14 +352,10 @@ def shape_account(B: int, H: int, N: int, d: int = HEAD_DIM, dtype: torch.dtype 
 
 def run_account(shapes=STANDARD_SHAPES, B: int = 1, dtype: torch.dtype = torch.float16, progress: bool = True) -> dict:
     from pruneattn.bench.meta import environment
-    from pruneattn.bench.static.nxn import nxn_check
+    from tools.gpu_build.nxn import nxn_check
 
     check_interpreter()
-    it = shapes
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(shapes, desc="kernel account", unit="shape")
+    it = progress_bar(shapes, enabled=progress, desc="kernel account", unit="shape")
     results = [shape_account(B, H, N, HEAD_DIM, dtype) for H, N in it]
     return {
         "kind": "kernel account",

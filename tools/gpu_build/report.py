@@ -1,8 +1,9 @@
 """Markdown reports: the kernel account and the GPU build."""
 from __future__ import annotations
 
-from pruneattn.bench.static.account import BOUND_BATCH, HEAD_DIM
-from pruneattn.bench.static.traffic import H100
+from pruneattn.bench.roofline import H100
+from tools.gpu_build.account import BOUND_BATCH, HEAD_DIM
+
 
 def _mb(x: float) -> str:
     return f"{x / 1e6:.3f}"

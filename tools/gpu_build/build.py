@@ -34,8 +34,11 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from pruneattn.bench.static.arch import ARCHS, Arch, occupancy
-from pruneattn.bench.static.launches import Launch, tl_value
+from pruneattn._progress import progress_bar
+from pruneattn.kernels._config import ConfigPrune
+from tools.gpu_build.arch import ARCHS, Arch, occupancy
+from tools.gpu_build.child import child_env
+from tools.gpu_build.launches import Launch, tl_value
 
 __all__ = ["Job", "build", "build_in_subprocess", "candidates", "compile_variant", "dtype_candidates", "kept_by_prune", "toolchain"]
 
@@ -137,22 +140,27 @@ def candidates(launch: Launch) -> list:
     return [triton.Config({}, num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3))]
 
 
+def _prune(launch: Launch) -> ConfigPrune | None:
+    """The kernel's autotune prune, if it is pruneattn's :class:`ConfigPrune`."""
+    prune = getattr(_kernel(launch), "early_config_prune", None)
+    return prune if isinstance(prune, ConfigPrune) else None
+
+
 def _pruned(launch: Launch, limit: int | None, before_limits: bool = False) -> list[int]:
     configs = candidates(launch)
-    prune = getattr(_kernel(launch), "early_config_prune", None)
-    rule = getattr(prune, "for_element" if before_limits else "for_limit", None)
-    if not launch.tuned or rule is None:
+    prune = _prune(launch)
+    if not launch.tuned or prune is None:
         return list(range(len(configs)))
     consts = dict(launch.constexprs)
-    kept = rule(configs, _element_size(launch), consts) if before_limits else rule(
+    kept = prune.for_element(configs, _element_size(launch), consts) if before_limits else prune.for_limit(
         configs, _element_size(launch), consts, limit)
     return [i for i, c in enumerate(configs) if any(c is k for k in kept)]
 
 
 def smem_estimate(launch: Launch, config) -> int | None:
     """The kernel prune's shared-memory estimate for ``config`` (``None`` for kernels without one)."""
-    estimate = getattr(getattr(_kernel(launch), "early_config_prune", None), "estimate", None)
-    return None if estimate is None else int(estimate(config, _element_size(launch), dict(launch.constexprs)))
+    prune = _prune(launch)
+    return None if prune is None else int(prune.estimate(config, _element_size(launch), dict(launch.constexprs)))
 
 
 def dtype_candidates(launch: Launch) -> list[int]:
@@ -263,11 +271,7 @@ def build(jobs: Sequence[Job], progress: bool = False) -> dict:
     tools = toolchain()
     if "missing" in tools:
         raise RuntimeError(f"GPU build: {tools['missing']}")
-    it = jobs
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(jobs, desc="compiling for GPU targets", unit="launch")
+    it = progress_bar(jobs, enabled=progress, desc="compiling for GPU targets", unit="launch")
     rows = []
     skipped = {a: r for a in sorted({j.arch for j in jobs}) if (r := arch_reason(ARCHS[a]))}
     for job in it:
@@ -300,7 +304,7 @@ def _worker(payload: str, out_path: str) -> None:
 def build_in_subprocess(jobs: Sequence[Job], workers: int = 1, progress: bool = False, timeout: float | None = None) -> dict:
     """:func:`build` in ``workers`` fresh processes without ``TRITON_INTERPRET`` (the kernels compiled,
     not interpreted); the rows come back in job order. Jobs are dealt out largest first."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(interpret=False)
     workers = max(1, min(workers, len(jobs)))
     shards: list[list[Job]] = [[] for _ in range(workers)]
     for n, job in enumerate(sorted(jobs, key=lambda j: -(5 if j.launch.tuned and j.which != "first" else 1))):
@@ -312,7 +316,7 @@ def build_in_subprocess(jobs: Sequence[Job], workers: int = 1, progress: bool = 
             inp, out = os.path.join(d, f"in{i}.json"), os.path.join(d, f"out{i}.json")
             with open(inp, "w", encoding="utf-8") as f:
                 f.write(payload)
-            code = ("import sys; from pruneattn.bench.static.build import _worker; "
+            code = ("import sys; from tools.gpu_build.build import _worker; "
                     "_worker(open(sys.argv[1]).read(), sys.argv[2])")
             procs.append((subprocess.Popen([sys.executable, "-c", code, inp, out], env=env), out))
         results = []

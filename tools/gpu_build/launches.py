@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-__all__ = ["Launch", "recording", "sweep", "tl_value", "with_bfloat16", "STATS", "QUERIES", "MODES"]
+from pruneattn._progress import progress_bar
+from pruneattn.validate import MODES, QUERIES, STATS
 
-STATS = ("var", "mad", "mean")
-QUERIES = ("cls", "mean")
-MODES = ("drop", "fuse")
+__all__ = ["Launch", "recording", "sweep", "tl_value", "with_bfloat16"]
+
 # Options a launch may pass besides the kernel's parameters (the CUDA backend's defaults otherwise).
 DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -189,7 +189,7 @@ class _Recorder:
 @contextlib.contextmanager
 def recording() -> Iterator[_Recorder]:
     """Record every interpreted kernel launch inside the ``with`` block (set ``rec.context`` to label them)."""
-    from pruneattn._env import interpreting
+    from pruneattn.backend import interpreting
 
     if not interpreting():
         raise RuntimeError("recording launches needs TRITON_INTERPRET=1 set before pruneattn's kernels are imported")
@@ -241,21 +241,17 @@ def sweep(
     and query on the fused kernel, and on the SDPA + class-row backend for ``query="cls"``; then
     ``select_tokens`` in both modes. For each standard shape (H, N) in ``shapes`` (whose launches
     differ only in the statistic, selection and gather kernels: the attention kernels' constants do
-    not depend on H or N): ``head_stats`` for every statistic and query on float32 rows, and
+    not depend on H or N): ``head_statistic`` for every statistic and query on float32 rows, and
     ``select_tokens`` in both modes on tokens of width H * 64 in each dtype.
     """
     import pruneattn
-    from pruneattn.dispatch import use_backend
-    from pruneattn.kernels.choose import force
-    from pruneattn.kernels.head_stats import head_stats
+    from pruneattn.backend import use_attention_kernel, use_backend
+    from pruneattn.kernels.head_statistic import head_statistic
 
     g = torch.Generator().manual_seed(0)
     jobs = [("op", dt, d, op_shape) for dt in dtypes for d in head_dims]
     jobs += [("shape", dt, 64, s) for s in shapes for dt in dtypes]
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="recording launches", unit="case")
+    jobs = progress_bar(jobs, enabled=progress, desc="recording launches", unit="case")
     with recording() as rec, use_backend("triton"):
         for kind, dtype, d, (H, N) in jobs:
             rec.context = {}
@@ -267,7 +263,7 @@ def sweep(
                     for backend in ("fused", "sdpa") if query == "cls" else ("fused",):
                         for stat in stats:
                             rec.context["op"] = f"attention_scores(stat={stat}, query={query}) [{backend}]"
-                            with force(backend):
+                            with use_attention_kernel(backend):
                                 res = pruneattn.attention_stats(q, k, v, stat=stat, query=query)
                 scores, weights = res.scores, res.head_mean
             else:
@@ -276,7 +272,7 @@ def sweep(
                     lse = rows.exp2().sum(-1, keepdim=True).log2().expand(1, H, N).contiguous()
                     for stat in stats:
                         rec.context["op"] = f"head statistic (stat={stat}, query={query})"
-                        head_stats(rows, lse, num_prefix=1, stat=stat, is_cls=query == "cls")
+                        head_statistic(rows, stat=stat, num_prefix=1, class_lse=lse[:, :, 0] if query == "cls" else None)
                 scores, weights = torch.rand(1, N - 1, generator=g), torch.rand(1, N - 1, generator=g)
             for mode in MODES:
                 rec.context["op"] = f"select_tokens(mode={mode})"

@@ -1,27 +1,12 @@
-"""Traffic models and floors: what attention, SDPA and the eager path must move, and an H100 bound.
+"""Traffic models and floors beside the kernel account: selection's floor, SDPA's and the eager path's traffic.
 
-The floors count the compulsory traffic (every input read once, every output written once); the
-SDPA and eager figures are models of those kernels, not measurements; :func:`h100_bound` turns
-bytes and FLOPs into a lower-bound time from an H100 SXM's public figures.
+The floors count the compulsory traffic (every input read once, every output written once); the SDPA
+and eager figures are models of those kernels, not measurements. Attention's floor and the H100 bound
+are the op suite's (:mod:`pruneattn.bench.roofline`).
 """
 from __future__ import annotations
 
-__all__ = ["H100", "attention_floor", "eager_model", "flash_model", "h100_bound", "select_floor"]
-
-H100 = {
-    "name": "H100 SXM (public spec figures)",
-    "hbm_bytes_per_s": 3.35e12,
-    "dense_bf16_flops_per_s": 989e12,
-    "note": "model, not a measurement: max(bytes / bandwidth, FLOPs / peak)",
-}
-
-
-def attention_floor(B: int, H: int, N: int, d: int, es: int, num_prefix: int = 1) -> dict:
-    """Compulsory traffic of attention + scores: Q, K, V read once; output and scores written once."""
-    qkv = 3 * B * H * N * d * es
-    out = B * H * N * d * es
-    scores = B * (N - num_prefix) * 4
-    return {"loads": qkv, "stores": out + scores, "flops": 4 * B * H * N * N * d}
+__all__ = ["eager_model", "flash_model", "select_floor"]
 
 
 def select_floor(B: int, N: int, C: int, es: int, k: int, num_prefix: int = 1, fuse: bool = False) -> dict:
@@ -64,9 +49,3 @@ def eager_model(B: int, H: int, N: int, d: int, es: int, query: str) -> dict:
     stores = x + nn_ + nn_ + x
     loads += nn_ if query == "mean" else B * H * N * es
     return {"loads": loads, "stores": stores, "flops_exact": 4 * B * H * N * N * d, "nxn_bytes_written": 2 * nn_}
-
-
-def h100_bound(bytes_moved: int, flops: int) -> dict:
-    t_mem = bytes_moved / H100["hbm_bytes_per_s"]
-    t_flop = flops / H100["dense_bf16_flops_per_s"]
-    return {"seconds": max(t_mem, t_flop), "memory_s": t_mem, "compute_s": t_flop, "bound": "memory" if t_mem >= t_flop else "compute"}

@@ -26,8 +26,9 @@ def _median_last(x, H: tl.constexpr, H_PAD: tl.constexpr):
 
 
 @triton.jit
-def _head_stats_kernel(
-    Received, Lse, Scores, HeadMean,
+def _head_statistic_kernel(
+    Received, ClassLse, Scores, HeadMean,
+    stride_lb, stride_lh,
     N, P, num_prefix,
     H: tl.constexpr,
     H_PAD: tl.constexpr,
@@ -46,7 +47,7 @@ def _head_stats_kernel(
     a = tl.load(Received + rows[None, :] + num_prefix + offs_j[:, None], mask=ok, other=0.0)
     if IS_CLS:
         # Received holds row 0's log2-domain logits; normalize with row 0's log2-sum-exp.
-        lse0 = tl.load(Lse + rows, mask=h_ok, other=0.0)
+        lse0 = tl.load(ClassLse + b * stride_lb + offs_h * stride_lh, mask=h_ok, other=0.0)
         a = tl.where(ok, tl.math.exp2(a - lse0[None, :]), 0.0)
     mean = tl.sum(a, axis=1) / H
     if STAT == 0:
@@ -63,13 +64,13 @@ def _head_stats_kernel(
     tl.store(HeadMean + b * P + offs_j, mean, mask=j_ok)
 
 
-def head_stats(
-    received: torch.Tensor, lse: torch.Tensor, *, num_prefix: int, stat: str, is_cls: bool
+def head_statistic(
+    received: torch.Tensor, *, stat: str, num_prefix: int, class_lse: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and head-mean attention (both (B, P) float32) from per-head rows (B, H, N) float32.
 
-    ``received`` is row 0's log2-domain logits when ``is_cls`` (normalized here with ``lse``), else
-    the attention received per head.
+    With ``class_lse`` (B, H) float32, any strides, ``received`` holds the class row's log2-domain
+    logits, normalized here with that log2-sum-exp; without it, the attention received per head.
     """
     B, H, N = received.shape
     P = N - num_prefix
@@ -77,8 +78,10 @@ def head_stats(
     head_mean = torch.empty_like(scores)
     h_pad = max(2, next_pow2(H))
     block_j = max(16, min(128, next_pow2(P), 2048 // h_pad))
-    _head_stats_kernel[(triton.cdiv(P, block_j), B)](
-        received, lse, scores, head_mean, N, P, num_prefix,
+    is_cls = class_lse is not None
+    lse = class_lse if is_cls else received  # never read without class_lse
+    _head_statistic_kernel[(triton.cdiv(P, block_j), B)](
+        received, lse, scores, head_mean, lse.stride(0), lse.stride(1), N, P, num_prefix,
         H=H, H_PAD=h_pad, STAT=STAT_CODES[stat], IS_CLS=is_cls, BLOCK_J=block_j,
     )
     return scores, head_mean

@@ -3,7 +3,7 @@
 The launches and the account need Triton's interpreter; the compilation needs the kernels compiled,
 not interpreted. :func:`in_interpreter` runs a function of this module in-process when the
 interpreter is on, else in a subprocess with ``TRITON_INTERPRET=1``; the compilation always runs in
-fresh processes without it (:func:`pruneattn.bench.static.build.build_in_subprocess`).
+fresh processes without it (:func:`tools.gpu_build.build.build_in_subprocess`).
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import tempfile
 
 import torch
 
-from pruneattn.bench.static.arch import ARCHS
-from pruneattn.bench.static.build import Job, build_in_subprocess, toolchain
-from pruneattn.bench.static.launches import Launch, sweep, with_bfloat16
+from pruneattn._progress import progress_bar
+from tools.gpu_build.arch import ARCHS
+from tools.gpu_build.build import Job, build_in_subprocess, toolchain
+from tools.gpu_build.child import child_env
+from tools.gpu_build.launches import Launch, sweep, with_bfloat16
 
 __all__ = ["HEAD_DIMS", "SHAPES", "in_interpreter", "record", "run_build"]
 
@@ -31,15 +33,15 @@ SHAPE_ARCH = "sm_90"
 
 def in_interpreter(func: str, **kwargs) -> object:
     """``func(**kwargs)`` (a function of this module, JSON in and out) under Triton's interpreter."""
-    from pruneattn._env import interpreting
-    from pruneattn.bench.static.hooks import check_interpreter_ok
+    from pruneattn.backend import interpreting
+    from tools.gpu_build.hooks import check_interpreter_ok
 
     if interpreting() and check_interpreter_ok():
         return globals()[func](**kwargs)
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = child_env(interpret=True)
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.json")
-        code = ("import json, sys; from pruneattn.bench.static import suite; "
+        code = ("import json, sys; from tools.gpu_build import suite; "
                 "json.dump(getattr(suite, sys.argv[1])(**json.loads(sys.argv[2])), open(sys.argv[3], 'w'))")
         subprocess.run([sys.executable, "-c", code, func, json.dumps(kwargs), out], env=env, check=True)
         with open(out, encoding="utf-8") as f:
@@ -47,7 +49,7 @@ def in_interpreter(func: str, **kwargs) -> object:
 
 
 def recorded(dtypes, head_dims, shapes, progress: bool = False) -> list[dict]:
-    """The launches of :func:`~pruneattn.bench.static.launches.sweep`, as dicts (interpreter on)."""
+    """The launches of :func:`~tools.gpu_build.launches.sweep`, as dicts (interpreter on)."""
     launches = sweep(tuple(getattr(torch, d) for d in dtypes), tuple(head_dims),
                      tuple(tuple(s) for s in shapes), progress=progress)
     return [launch.to_dict() for launch in launches]
@@ -62,13 +64,9 @@ def record(dtypes=DTYPES, head_dims=(64,), shapes=((3, 197),), progress: bool = 
 
 def accounted(shapes, head_dim: int = SHAPE_HEAD_DIM, progress: bool = False) -> list[dict]:
     """The kernel account's H100 bounds per shape (interpreter on; float16 counts, batch 1 run)."""
-    from pruneattn.bench.static.account import BOUND_BATCH, shape_account
+    from tools.gpu_build.account import BOUND_BATCH, shape_account
 
-    it = shapes
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(shapes, desc="kernel account", unit="shape")
+    it = progress_bar(shapes, enabled=progress, desc="kernel account", unit="shape")
     keep = ("loads_unique", "stores_unique", "dot_flops", "h100_bound_kernel", "h100_bound_floor")
     out = []
     for H, N in it:
@@ -81,7 +79,7 @@ def accounted(shapes, head_dim: int = SHAPE_HEAD_DIM, progress: bool = False) ->
 def run_build(smoke: bool = False, archs=ARCH_NAMES, workers: int | None = None, progress: bool = True) -> dict:
     """The whole suite: launches, compilations, standard-shape join; every number in one dict."""
     from pruneattn.bench.meta import environment
-    from pruneattn.bench.static.report import shape_rows
+    from tools.gpu_build.report import shape_rows
 
     tools = toolchain()
     if "missing" in tools:

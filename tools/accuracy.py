@@ -28,9 +28,8 @@ side with ``--seed-list``, ``--stat-list`` (and ``--c-runs``, ``--no-zero-epoch`
 writing ``--out results/accuracy_<part>_<name>.json``: the report joins ``accuracy_<part>.json`` and
 every ``accuracy_<part>_*.json``.
 
-Random pruning (the control): the blocks are patched with ``stat="mean"`` and then switched to a
-subclass of the patched timm block whose scores are replaced by uniform random numbers from a seeded
-generator (so random keeps a random subset; in fuse mode the fused token still uses the class
+Random pruning (the control): the blocks are patched with ``stat="mean"`` and a ``score_hook`` that
+replaces their scores by uniform random numbers from a seeded generator (so random keeps a random subset; in fuse mode the fused token still uses the class
 attention as weights). Nothing else changes.
 
 Throughput is images/s of the model forward on this machine (CPU, ``--threads`` torch threads,
@@ -65,48 +64,32 @@ KEEP_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
 # ----------------------------------------------------------------------------- random-pruning control
 
 
-def _random_block_class():
-    from pruneattn.patch.prune import prune_tokens
-    from pruneattn.patch.timm import PrunedBlock, _attend
+def random_scores(layers, *, seed: int, mode: str):
+    """A ``score_hook`` that replaces each pruning block's scores by seeded uniform random numbers: one
+    generator per block (seed * 1000 + its rank), drawing one number per token after the prefix (the
+    fused token of an earlier block too, whose number is not used), as the control always has."""
+    order = sorted(layers)
+    gens = {layer: torch.Generator().manual_seed(seed * 1000 + i) for i, layer in enumerate(order)}
+    extra = {layer: int(mode == "fuse" and i > 0) for i, layer in enumerate(order)}
 
-    class RandomScoreBlock(PrunedBlock):
-        """Patched timm block whose patch scores are uniform random numbers (seeded); otherwise the
-        forward of ``PrunedBlock``."""
+    def hook(layer: int, scores: torch.Tensor) -> torch.Tensor:
+        B, P = scores.shape
+        r = torch.rand((B, P + extra[layer]), generator=gens[layer], dtype=torch.float32)
+        return r[:, :P].to(scores.device)
 
-        def forward(self, x, attn_mask=None, is_causal=False):
-            y, stats = _attend(self._pruneattn, self.attn, self.norm1(x))
-            r = torch.rand(stats.scores.shape, generator=self._random_gen, dtype=torch.float32)
-            x = prune_tokens(self._pruneattn, x + self.drop_path1(self.ls1(y)), stats._replace(scores=r.to(x.device)))
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    return RandomScoreBlock
-
-
-_RANDOM_BLOCK = None
+    return hook
 
 
 def patch_model(model, *, keep_rate, stat, mode="drop", seed=0, layers=LAYERS):
     """``pruneattn.patch`` with ``stat`` in var / mad / mean, or ``"random"`` (see the module docstring)."""
-    global _RANDOM_BLOCK
-    unpatch_model(model)
     if stat != "random":
         return pruneattn.patch(model, keep_rate=keep_rate, layers=layers, stat=stat, query="cls", mode=mode)
-    pruneattn.patch(model, keep_rate=keep_rate, layers=layers, stat="mean", query="cls", mode=mode)
-    if _RANDOM_BLOCK is None:
-        _RANDOM_BLOCK = _random_block_class()
-    for i, layer in enumerate(sorted(layers)):
-        block = model.blocks[layer]
-        block.__class__ = _RANDOM_BLOCK
-        block._random_gen = torch.Generator().manual_seed(seed * 1000 + i)
-    return model
+    return pruneattn.patch(model, keep_rate=keep_rate, layers=layers, stat="mean", query="cls", mode=mode,
+                           score_hook=random_scores(layers, seed=seed, mode=mode))
 
 
 def unpatch_model(model):
-    pruneattn.unpatch(model)
-    for block in model.blocks:
-        if hasattr(block, "_random_gen"):
-            del block._random_gen
-    return model
+    return pruneattn.unpatch(model)
 
 
 # ----------------------------------------------------------------------------- measurements

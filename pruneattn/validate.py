@@ -50,6 +50,17 @@ def size(n: object) -> int:
     return int(n)
 
 
+def check_no_func_transform(t: torch.Tensor) -> None:
+    """Refuse ``torch.func`` transforms (grad, vmap, jacrev) with the way that works: the ops' backward
+    formulas are registered for ordinary autograd only. (torch has no public test for a transformed
+    tensor; functorch's own predicate is the one place that knows.)"""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise RuntimeError(
+            "pruneattn's ops do not support torch.func transforms (grad, vmap, jacrev, ...): use "
+            "loss.backward() or torch.autograd.grad; torch.func.functional_call works"
+        )
+
+
 def check_num_prefix(num_prefix: object, num_tokens: int) -> None:
     num_tokens = size(num_tokens)
     if not _is_int(num_prefix) or not 0 <= num_prefix < num_tokens:
@@ -70,6 +81,7 @@ def check_attention_inputs(
 ) -> None:
     """Validate the arguments of ``attention_scores``."""
     q, k, v = _tensor("q", q, 4), _tensor("k", k, 4), _tensor("v", v, 4)
+    check_no_func_transform(q)
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k and v must have the same shape (B, H, N, d), got {tuple(q.shape)}, "
@@ -86,6 +98,8 @@ def check_attention_inputs(
     check_num_prefix(num_prefix, q.shape[2])
     if query == "cls" and num_prefix < 1:
         raise ValueError("query='cls' scores by the class token's row: num_prefix must be >= 1")
+    if isinstance(scale, torch.SymFloat) or (scale is not None and torch.compiler.is_compiling()):
+        return  # torch.compile(dynamic=True) traces a module's float attribute as symbolic: no value to check
     if scale is not None and (
         not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0
     ):
@@ -120,6 +134,12 @@ def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None 
             raise ValueError(f"k must be an int in [1, {num_patches}] (the patch count), got {k!r}")
         return int(k)
     check_keep_rate(keep_rate)
+    return kept_of_rate(num_patches, keep_rate)
+
+
+def kept_of_rate(num_patches: int, keep_rate: float) -> int:
+    """``ceil(keep_rate * num_patches)``, at least 1, for a keep rate already checked (no value check, so
+    that it traces under ``torch.compile`` where the rate may be symbolic)."""
     return max(1, math.ceil(round(keep_rate * num_patches, 9)))
 
 
@@ -143,6 +163,7 @@ def check_select_inputs(
 ) -> None:
     """Validate the arguments of ``select_tokens`` (and, on CPU tensors, non-negative fuse weights)."""
     x = _tensor("x", x, 3)
+    check_no_func_transform(x)
     scores = _tensor("scores", scores, 2)
     check_num_prefix(num_prefix, x.shape[1])
     num_patches = x.shape[1] - num_prefix

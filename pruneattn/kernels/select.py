@@ -53,6 +53,6 @@ def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     keep_mask = torch.empty((B, P), device=scores.device, dtype=torch.int8)
     block = max(16, min(128, next_pow2(P)))
     # A (BLOCK_J, BLOCK_I) comparison tile of at most 4096 values: 128 x 128 spills registers on
-    # sm_80 / sm_90 (``pruneattn bench --build``); the bytes read are the same for any BLOCK_I.
+    # sm_80 / sm_90 (``python -m tools.gpu_build --build``); the bytes read are the same for any BLOCK_I.
     _select_topk_kernel[(B,)](scores, kept_idx, keep_mask, P, k, BLOCK_J=block, BLOCK_I=min(block, 32))
     return kept_idx, keep_mask

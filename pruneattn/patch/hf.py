@@ -51,8 +51,8 @@ class HFReader:
 
     def project(self, att: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         _record_no_attention()
-        B, _, N, _ = out.shape
-        return getattr(att, self.names.out)(out.transpose(1, 2).reshape(B, N, -1))
+        B, H, N, d = out.shape
+        return getattr(att, self.names.out)(out.transpose(1, 2).reshape(B, N, H * d))
 
     def dropout(self, att: nn.Module) -> float:
         return float(getattr(att, self.names.dropout))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from pruneattn.ops import AttentionStats, attention_stats, select_tokens
 from pruneattn.patch.state import BlockConfig, current
-from pruneattn.validate import num_kept
+from pruneattn.validate import kept_of_rate
 
 
 def check_traceable(x: object) -> None:
@@ -57,7 +57,7 @@ def prune_tokens(cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats) -> to
         if state is not None:
             state.kept[cfg.layer] = torch.arange(P, device=x.device).expand(B, P)
         return x
-    k = num_kept(P, keep_rate=cfg.keep_rate)
+    k = kept_of_rate(P, cfg.keep_rate)  # checked by patch
     scores = stats.scores[:, :P]
     if cfg.score_hook is not None:
         scores = cfg.score_hook(cfg.layer, scores)

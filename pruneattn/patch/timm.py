@@ -74,8 +74,8 @@ class TimmReader:
         return float(a.scale)  # a Python float: torch.compile(dynamic=True) would otherwise trace it symbolic
 
     def project(self, a: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, _, N, _ = out.shape
-        y = a.norm(out.transpose(1, 2).reshape(B, N, -1))  # free: out is (B, N, H, d) in memory
+        B, H, N, d = out.shape
+        y = a.norm(out.transpose(1, 2).reshape(B, N, H * d))  # free: out is (B, N, H, d) in memory
         if getattr(a, "gate", None) is not None:
             y = y * a.gate(x).sigmoid()
         return a.proj_drop(a.proj(y))

@@ -140,7 +140,7 @@ def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None 
 def kept_of_rate(num_patches: int, keep_rate: float) -> int:
     """``ceil(keep_rate * num_patches)``, at least 1, for a keep rate already checked (no value check, so
     that it traces under ``torch.compile`` where the rate may be symbolic)."""
-    return max(1, math.ceil(round(keep_rate * num_patches, 9)))
+    return max(1, math.ceil(round(keep_rate * size(num_patches), 9)))
 
 
 def check_keep_rate(keep_rate: object) -> None:

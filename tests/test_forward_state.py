@@ -60,28 +60,20 @@ MODELS = {"vit": vit, "eva": eva, "deit": deit, "clip": clip}
 # ----------------------------------------------------------------------------- threads
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_two_threads_share_one_patched_model(cpu_backend, name):
-    """Each thread's outputs and kept indices are those of a call alone (batch sizes differ per thread)."""
-    model = pruneattn.patch(MODELS[name](), keep_rate=0.5, layers=(1, 2), mode="fuse")
-    inputs = [images(1 + i % 3, seed=i) for i in range(8)]
-    with torch.no_grad():
-        alone = []
-        for x in inputs:
-            out = logits(model, x)
-            alone.append((out, pruneattn.kept_indices(model)))
-    seen: dict[int, tuple] = {}
-    errors: list[BaseException] = []
+def in_two_threads(call, inputs: list[torch.Tensor], reps: int = 3) -> dict[tuple[int, int], object]:
+    """``call(inputs[i])`` for every input ``reps`` times, the inputs split between two threads that start
+    together; returns {(input, rep): result} and re-raises what a thread raised."""
+    seen, errors = {}, []
     barrier = threading.Barrier(2)
 
     def work(part: int) -> None:
         try:
             barrier.wait()
             with pruneattn.use_backend("cpu"), torch.no_grad():
-                for rep in range(3):
+                for rep in range(reps):
                     for i in range(part, len(inputs), 2):
-                        seen[(i, rep)] = (logits(model, inputs[i]),)
-        except BaseException as e:  # noqa: BLE001 - reported below
+                        seen[(i, rep)] = call(inputs[i])
+        except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(p,)) for p in (0, 1)]
@@ -89,9 +81,20 @@ def test_two_threads_share_one_patched_model(cpu_backend, name):
         t.start()
     for t in threads:
         t.join()
-    assert not errors, errors
-    for (i, _), (out,) in seen.items():
-        torch.testing.assert_close(out, alone[i][0], rtol=0, atol=0)
+    if errors:
+        raise errors[0]
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_two_threads_share_one_patched_model(cpu_backend, name):
+    """Each thread's outputs are those of a call alone (batch sizes differ per thread)."""
+    model = pruneattn.patch(MODELS[name](), keep_rate=0.5, layers=(1, 2), mode="fuse")
+    inputs = [images(1 + i % 3, seed=i) for i in range(8)]
+    with torch.no_grad():
+        alone = [logits(model, x) for x in inputs]
+    for (i, _), out in in_two_threads(lambda x: logits(model, x), inputs).items():
+        torch.testing.assert_close(out, alone[i], rtol=0, atol=0)
     kept = pruneattn.kept_indices(model)  # the last call to finish: one whole call's indices
     assert kept.keys() == {1, 2} and kept[1].shape[0] == kept[2].shape[0]
 
@@ -99,29 +102,15 @@ def test_two_threads_share_one_patched_model(cpu_backend, name):
 def test_two_threads_forward_intermediates_grids(cpu_backend):
     model = pruneattn.patch(eva(), keep_rate=0.5, layers=(1, 2))
     inputs = [images(1 + i % 2, seed=10 + i) for i in range(6)]
+
+    def grids(x):
+        return model.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=True)
+
     with torch.no_grad():
-        alone = [model.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=True) for x in inputs]
-    errors, seen = [], {}
-
-    def work(part: int) -> None:
-        try:
-            with pruneattn.use_backend("cpu"), torch.no_grad():
-                for i in range(part, len(inputs), 2):
-                    for rep in range(3):
-                        seen[(i, rep)] = model.forward_intermediates(inputs[i], indices=[1, 2, 3],
-                                                                     intermediates_only=True)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(p,)) for p in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for (i, _), grids in seen.items():
-        for got, want in zip(grids, alone[i]):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        alone = [grids(x) for x in inputs]
+    for (i, _), got in in_two_threads(grids, inputs).items():
+        for g, want in zip(got, alone[i]):
+            torch.testing.assert_close(g, want, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- nested forwards

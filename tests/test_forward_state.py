@@ -390,3 +390,26 @@ def test_compile_dynamic_fullgraph_and_repatching_a_compiled_model(cpu_backend):
     finally:
         torch._dynamo.reset()
     assert counter.frame_count <= 2  # one graph per patch settings, none per block or batch size
+
+
+def test_overlap_patches_then_set_input_size(cpu_backend):
+    """The overlapping embedding's grid follows a new input size (stride and padding, not the kernel)."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=4).eval()
+    pruneattn.overlap_patches(model, stride=12, padding=2)
+    model.set_input_size(img_size=(96, 96))
+    grid = (96 + 2 * 2 - 16) // 12 + 1
+    assert model.patch_embed.grid_size == (grid, grid) and model.pos_embed.shape[1] == 1 + grid * grid
+    pruneattn.patch(model, keep_rate=0.5, layers=(1,))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 4)
+    assert pruneattn.kept_indices(model)[1].shape == (1, grid * grid // 2)
+    with pytest.raises(ValueError, match="patch size"):
+        model.set_input_size(patch_size=8)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("12", TypeError),
+                                        (True, TypeError)])
+def test_default_layers_checks_its_argument(bad, error):
+    with pytest.raises(error, match="depth"):
+        pruneattn.default_layers(bad)
+    assert pruneattn.default_layers(12) == (3, 6, 9)

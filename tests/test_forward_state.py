@@ -413,3 +413,13 @@ def test_default_layers_checks_its_argument(bad, error):
     with pytest.raises(error, match="depth"):
         pruneattn.default_layers(bad)
     assert pruneattn.default_layers(12) == (3, 6, 9)
+
+
+def test_repatching_a_patched_hugging_face_model(cpu_backend):
+    """Patching again checks the already swapped layers by their original class."""
+    model = pruneattn.patch(deit(), keep_rate=0.5, layers=(1, 2))
+    pruneattn.patch(model, keep_rate=0.5, layers=(1, 3))
+    with torch.no_grad():
+        logits(model, images(2, seed=14))
+    assert sorted(pruneattn.kept_indices(model)) == [1, 3]
+    assert sum(bool(m._forward_pre_hooks) for m in model.modules()) == 1  # the old hooks are gone

@@ -129,14 +129,14 @@ def patch(
     shapes = {}
     for i in layers:
         cls = original_class(blocks[i])
-        shapes[i] = registry.shape_of(family, blocks[i], cls)
+        shapes[i] = registry.shape_of(family, cls)
         if shapes[i] is None:
             names = ", ".join(s.block for s in family.blocks)
             raise TypeError(
                 f"pruneattn.patch: block {i} is a {cls.__name__}; the {family.label} blocks pruneattn can "
                 f"prune are: {names}"
             )
-        adapter.check_block(family, blocks[i], i)
+        adapter.check_block(family, blocks[i], shapes[i], i)
     unpatch(model)
     num_prefix = registry.num_prefix(family, encoder)
     plan = Plan(tuple(sorted(layers)))

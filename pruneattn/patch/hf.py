@@ -98,8 +98,8 @@ class HFAdapter:
             encoder.register_forward_hook(_end_call, always_call=True),
         )
 
-    def check_block(self, family: Family, block: nn.Module, layer: int) -> None:
-        att = getattr(block, next(s for s in family.blocks if s.block == type(block).__name__).attention.module)
+    def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
+        att = getattr(block, shape.attention.module)
         p = self.reader(family).dropout(att)
         if p > 0:
             raise ValueError(

@@ -77,7 +77,7 @@ class Adapter(Protocol):
     def has_class_token(self, family: Family, model: nn.Module) -> bool:
         """Whether the model has a class token (where ``family.class_token`` leaves it to the model)."""
 
-    def check_block(self, family: Family, block: nn.Module, layer: int) -> None:
+    def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
         """Raise if this block cannot be pruned (an attention the kernels cannot reproduce, dropout)."""
 
     def reader(self, family: Family) -> AttentionReader: ...
@@ -211,7 +211,7 @@ def adapter(family: Family) -> Adapter:
     return importlib.import_module(_ADAPTERS[family.library]).ADAPTER
 
 
-def shape_of(family: Family, block: nn.Module, cls: type) -> BlockShape | None:
+def shape_of(family: Family, cls: type) -> BlockShape | None:
     """Where selection sits in a block of class ``cls`` of ``family`` (None: not one of its blocks)."""
     lib = cls.__module__.split(".")[0]
     return next((s for s in family.blocks if s.block == cls.__name__ and lib == family.library), None)

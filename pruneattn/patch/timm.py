@@ -299,7 +299,7 @@ class TimmAdapter:
             swap(module, mixin)
             module._pruneattn_plan = plan
 
-    def check_block(self, family: Family, block: nn.Module, layer: int) -> None:
+    def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
         bad = [type(a).__name__ for a in _block_attentions(block)
                if not isinstance(block, ParallelScalingBlock) and not isinstance(a, _ATTENTIONS)]
         if bad:

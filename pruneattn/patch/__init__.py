@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from pruneattn.patch import registry
 from pruneattn.patch.state import BlockConfig, Exported, ForwardFailed, Plan, ScoreHook
 from pruneattn.patch.swap import is_swapped, original_class, restore, swap
-from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate
+from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate, kept_of_rate
 
 __all__ = ["default_layers", "kept_indices", "patch", "unpatch"]
 
@@ -70,45 +71,99 @@ def default_layers(depth: int) -> tuple[int, ...]:
     return tuple(sorted({min(depth - 1, int(depth * f + 0.5)) for f in (0.25, 0.5, 0.75)}))
 
 
-def _keep_rates(keep_rate: object, n: int) -> list[float]:
-    rates = list(keep_rate) if isinstance(keep_rate, Sequence) and not isinstance(keep_rate, str) else [keep_rate] * n
-    if len(rates) != n:
-        raise ValueError(f"keep_rate must be a number or one per layer ({n}), got {len(rates)} values")
-    for r in rates:
-        check_keep_rate(r)
-    return [float(r) for r in rates]
+@dataclass(frozen=True)
+class Amount:
+    """How much one pruning block keeps: ``tokens`` patches if set, else ceil(keep_rate * P)."""
+
+    keep_rate: float
+    tokens: int | None = None
 
 
-def patch(
+def amounts(keep_rate: object, tokens: object, n: int) -> list[Amount]:
+    """One checked :class:`Amount` per pruning block from ``patch``'s ``keep_rate`` / ``tokens``."""
+    if keep_rate is not None and tokens is not None:
+        raise ValueError("give either keep_rate or tokens, not both")
+    if tokens is None:
+        rates = _per_layer("keep_rate", 0.7 if keep_rate is None else keep_rate, n)
+        for r in rates:
+            check_keep_rate(r)
+        return [Amount(float(r)) for r in rates]
+    counts = _per_layer("tokens", tokens, n)
+    for t in counts:
+        if not _is_int(t):
+            raise TypeError(f"tokens must be an int (patches kept per image) or one per layer, got {t!r}")
+        if t < 1:
+            raise ValueError(f"tokens must be >= 1 (patches kept per image), got {t}")
+    return [Amount(1.0, int(t)) for t in counts]
+
+
+def _per_layer(name: str, value: object, n: int) -> list:
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} must be a number or one per layer ({n}), got {len(values)} values")
+    return values
+
+
+def kept_after(num_patches: int, amounts_in_order: Sequence[Amount]) -> int:
+    """Patches left after pruning blocks with these amounts, for an input of ``num_patches`` patches
+    (ValueError where ``tokens`` exceeds what a block receives)."""
+    for a in amounts_in_order:
+        if a.tokens is not None:
+            if a.tokens > num_patches:
+                raise ValueError(
+                    f"tokens={a.tokens} is more than the {num_patches} patches that pruning block receives"
+                )
+            num_patches = a.tokens
+        elif a.keep_rate < 1:
+            num_patches = kept_of_rate(num_patches, a.keep_rate)
+    return num_patches
+
+
+@dataclass(frozen=True)
+class EncoderPatch:
+    """A checked ``patch`` of one encoder, ready to apply (nothing has been changed yet)."""
+
+    family: registry.Family
+    encoder: nn.Module
+    blocks: list
+    layers: tuple[int, ...]  # ascending
+    amounts: tuple[Amount, ...]  # one per layer
+    shapes: dict
+    stat: str
+    query: str
+    mode: str
+    score_hook: ScoreHook | None
+
+    def apply(self) -> Plan:
+        """Swap the pruning blocks and attach the per-call state; returns the plan."""
+        adapter = registry.adapter(self.family)
+        num_prefix = registry.num_prefix(self.family, self.encoder)
+        plan = Plan(self.layers)
+        reader, fused = adapter.reader(self.family), False
+        for layer, amount in zip(self.layers, self.amounts):
+            block = self.blocks[layer]
+            swap(block, adapter.pruned_block(self.shapes[layer]))
+            block._pruneattn = BlockConfig(
+                layer, amount.keep_rate, self.stat, self.query, self.mode, num_prefix, fused_in=fused, plan=plan,
+                shape=self.shapes[layer], reader=reader, score_hook=self.score_hook, tokens=amount.tokens,
+            )
+            fused = fused or (self.mode == "fuse" and block._pruneattn.selects)
+        adapter.attach(self.family, self.encoder, plan)
+        return plan
+
+
+def check_encoder(
     model: nn.Module,
-    keep_rate: float | Sequence[float] = 0.7,
-    layers: int | Sequence[int] | None = None,
-    stat: str = "var",
-    query: str | None = None,
-    mode: str = "drop",
-    score_hook: ScoreHook | None = None,
-) -> nn.Module:
-    """Make ``model`` prune patch tokens after the attention of the blocks in ``layers``, in place.
-
-    Args:
-        model: a model of one of the families in :mod:`pruneattn.patch.registry` (timm
-            ``VisionTransformer`` / ``Eva``, Hugging Face ViT / DeiT / CLIP / SigLIP / DINOv2, and their
-            subclasses); anything else raises TypeError naming its class (and why, where known).
-        keep_rate: fraction of the patches each pruning block keeps (k = ceil(rate * P)), one number
-            or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).
-        layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
-            model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth).
-        stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see docs/semantics.md).
-            ``query`` defaults to ``"cls"`` for models with a class token and ``"mean"`` for the others
-            (SigLIP, global-pooling ViTs without one); ``"cls"`` on a model without a class token raises.
-        mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
-        score_hook: ``fn(layer, scores) -> scores``, called in each pruning block with the block's index
-            and its patch scores (B, P) float32; the tensor it returns (same shape) is used for selection
-            instead (e.g. random scores for a control experiment). The fuse weights are unchanged.
-
-    Patching a patched model re-configures it (the previous patch is undone first). Returns ``model``.
-    """
-    family = _family(model)
+    family: registry.Family,
+    keep_rate: object,
+    tokens: object,
+    layers: object,
+    stat: str,
+    query: str | None,
+    mode: str,
+    score_hook: ScoreHook | None,
+) -> EncoderPatch:
+    """Check a ``patch`` of ``model`` (of ``family``) and return it ready to apply; raises before any change."""
     adapter = registry.adapter(family)
     encoder = adapter.encoder(family, model)
     blocks = registry.blocks_of(family, encoder)
@@ -118,8 +173,8 @@ def patch(
     check_choice("stat", stat, STATS)
     check_choice("query", query, QUERIES)
     check_choice("mode", mode, MODES)
-    layers = _layers(default_layers(len(blocks)) if layers is None else layers, len(blocks))
-    rates = _keep_rates(keep_rate, len(layers))
+    chosen = _layers(default_layers(len(blocks)) if layers is None else layers, len(blocks))
+    per_layer = amounts(keep_rate, tokens, len(chosen))
     if query == "cls" and not has_cls:
         raise ValueError(
             f"query='cls' needs a class token, which this {type(model).__name__} has not; use query='mean'"
@@ -127,7 +182,7 @@ def patch(
     if score_hook is not None and not callable(score_hook):
         raise TypeError(f"score_hook must be a callable fn(layer, scores) -> scores, got {type(score_hook).__name__}")
     shapes = {}
-    for i in layers:
+    for i in chosen:
         cls = original_class(blocks[i])
         shapes[i] = registry.shape_of(family, cls)
         if shapes[i] is None:
@@ -137,19 +192,59 @@ def patch(
                 f"prune are: {names}"
             )
         adapter.check_block(family, blocks[i], shapes[i], i)
+    order = sorted(range(len(chosen)), key=chosen.__getitem__)
+    return EncoderPatch(
+        family, encoder, blocks, tuple(chosen[j] for j in order), tuple(per_layer[j] for j in order), shapes,
+        stat, query, mode, score_hook,
+    )
+
+
+def patch(
+    model: nn.Module,
+    keep_rate: float | Sequence[float] | None = None,
+    layers: int | Sequence[int] | None = None,
+    stat: str = "var",
+    query: str | None = None,
+    mode: str = "drop",
+    tokens: int | Sequence[int] | None = None,
+    score_hook: ScoreHook | None = None,
+) -> nn.Module:
+    """Make ``model`` prune patch tokens after the attention of the blocks in ``layers``, in place.
+
+    Args:
+        model: a model of one of the families in :mod:`pruneattn.patch.registry` (timm
+            ``VisionTransformer`` / ``Eva``, Hugging Face ViT / DeiT / CLIP / SigLIP / DINOv2, and their
+            subclasses), or a vision-language model listed there (LLaVA, PaliGemma: the image tokens its
+            language model reads are pruned in the vision tower, see :mod:`pruneattn.patch.vlm`); anything
+            else raises TypeError naming its class (and why, where known).
+        keep_rate: fraction of the patches each pruning block keeps (k = ceil(rate * P)), one number
+            or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).
+            0.7 when neither ``keep_rate`` nor ``tokens`` is given.
+        layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
+            model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth); for a
+            vision-language model, the block whose output the model reads.
+        stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see docs/semantics.md).
+            ``query`` defaults to ``"cls"`` for models with a class token and ``"mean"`` for the others
+            (SigLIP, global-pooling ViTs without one); ``"cls"`` on a model without a class token raises.
+        mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
+        tokens: keep exactly this many patches per image at each pruning block (one number or one per
+            entry of ``layers``) instead of a keep rate; give either ``keep_rate`` or ``tokens``.
+        score_hook: ``fn(layer, scores) -> scores``, called in each pruning block with the block's index
+            and its patch scores (B, P) float32; the tensor it returns (same shape) is used for selection
+            instead (e.g. random scores for a control experiment). The fuse weights are unchanged.
+
+    Patching a patched model re-configures it (the previous patch is undone first). Returns ``model``.
+    """
+    if isinstance(model, nn.Module):
+        vlm = registry.vision_language_of(model)
+        if vlm is not None:
+            from pruneattn.patch import vlm as vlm_patch
+
+            return vlm_patch.patch(model, vlm, keep_rate, tokens, layers, stat, query, mode, score_hook)
+    family = _family(model)
+    checked = check_encoder(model, family, keep_rate, tokens, layers, stat, query, mode, score_hook)
     unpatch(model)
-    num_prefix = registry.num_prefix(family, encoder)
-    plan = Plan(tuple(sorted(layers)))
-    reader, fused = adapter.reader(family), False
-    for layer, rate in sorted(zip(layers, rates)):
-        block = blocks[layer]
-        swap(block, adapter.pruned_block(shapes[layer]))
-        block._pruneattn = BlockConfig(
-            layer, rate, stat, query, mode, num_prefix, fused_in=fused, plan=plan, shape=shapes[layer],
-            reader=reader, score_hook=score_hook,
-        )
-        fused = fused or (mode == "fuse" and rate < 1)
-    adapter.attach(family, encoder, plan)
+    checked.apply()
     return model
 
 
@@ -163,7 +258,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             restore(m)
         for handle in m.__dict__.pop("_pruneattn_hooks", ()):
             handle.remove()
-        for name in ("_pruneattn", "_pruneattn_plan"):
+        for name in ("_pruneattn", "_pruneattn_plan", "_pruneattn_prompt", "_pruneattn_base"):
             m.__dict__.pop(name, None)
     return model
 

@@ -12,6 +12,8 @@ Fused token across several pruning blocks (``mode="fuse"``):
   the average of the newly dropped patches *and* the old fused token, each weighted by its head-mean
   received attention in that block, renormalized. (Done in one selection call: the old fused token
   joins the candidates last, with score -inf, so it is always dropped, even beside NaN scores.)
+- ``tokens=k`` keeps exactly k patches per image (k must not exceed the block's patch count); a block
+  given ``tokens`` always runs selection, as one with a keep rate below 1 does.
 - A block with keep rate 1.0 drops nothing and passes every token through unchanged (no fused token
   is created there, an existing one is carried as is), so ``keep_rate=1.0`` reproduces the model.
 """
@@ -36,6 +38,18 @@ def check_traceable(x: object) -> None:
         )
 
 
+def kept_count(cfg: BlockConfig, num_patches: int) -> int:
+    """How many of the block's ``num_patches`` patches it keeps: ``tokens``, or ceil(keep_rate * P)."""
+    if cfg.tokens is None:
+        return kept_of_rate(num_patches, cfg.keep_rate)  # checked by patch
+    if cfg.tokens > num_patches:
+        raise ValueError(
+            f"pruneattn: block {cfg.layer} was told to keep tokens={cfg.tokens} patches but its input has only "
+            f"{num_patches}; patch with a smaller tokens= (or keep_rate=) for this input size"
+        )
+    return cfg.tokens
+
+
 def attention(cfg: BlockConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> AttentionStats:
     """Attention output (B, H, N, d) and the scores of every token after the prefix (fused one included)."""
     if q.shape[0] == 0:  # an empty batch: nothing to score, shapes as for any batch
@@ -53,11 +67,11 @@ def prune_tokens(cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats) -> to
         state.before_selection[cfg.layer] = x
     B, N, _ = x.shape
     P = N - cfg.num_prefix - int(cfg.fused_in)
-    if cfg.keep_rate == 1.0:
+    if not cfg.selects:
         if state is not None:
             state.kept[cfg.layer] = torch.arange(P, device=x.device).expand(B, P)
         return x
-    k = kept_of_rate(P, cfg.keep_rate)  # checked by patch
+    k = kept_count(cfg, P)
     scores = stats.scores[:, :P]
     if cfg.score_hook is not None:
         scores = cfg.score_hook(cfg.layer, scores)

@@ -169,6 +169,40 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+
+
+@dataclass(frozen=True)
+class VisionLanguage:
+    """A vision-language family: a language model reads the output tokens of a vision tower. pruneattn
+    prunes them in the tower (:mod:`pruneattn.patch.vlm`) and shortens the prompt to match."""
+
+    label: str
+    library: str
+    models: tuple[str, ...]  # classes ``patch`` takes (their subclasses too): the generation model, the base
+    base: str  # the class that puts image features in place of the placeholders (in ``models``)
+    towers: tuple[str, ...]  # labels of the tower families it can prune (entries of FAMILIES)
+    covers: str
+    feature_layer: str | None = None  # config attribute: the tower hidden state(s) it reads; None: the last
+    select_strategy: str | None = None  # config attribute: "default" drops the class token, "full" keeps it
+    token_types: bool = False  # its forward takes ``token_type_ids``, shortened with the prompt
+
+
+VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
+    VisionLanguage(
+        "Hugging Face LLaVA", "transformers", ("LlavaForConditionalGeneration", "LlavaModel"), "LlavaModel",
+        ("Hugging Face CLIP vision", "Hugging Face SigLIP vision"),
+        "llava-hf/llava-1.5-*, llava-interleave (any `vision_feature_layer`, int or list; both "
+        "`vision_feature_select_strategy` values)",
+        feature_layer="vision_feature_layer", select_strategy="vision_feature_select_strategy",
+    ),
+    VisionLanguage(
+        "Hugging Face PaliGemma", "transformers", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"),
+        "PaliGemmaModel", ("Hugging Face SigLIP vision",),
+        "google/paligemma-*, google/paligemma2-* (`token_type_ids` shortened with the prompt)",
+        token_types=True,
+    ),
+)
+
 _REL_POS = "its attention adds a relative position bias per token pair, which the fused kernels do not take"
 # Model classes that look like ViTs but whose attention pruneattn cannot reproduce: (library, class) -> why.
 REFUSED: dict[tuple[str, str], str] = {
@@ -180,6 +214,26 @@ REFUSED: dict[tuple[str, str], str] = {
     ("timm", "NaFlexVit"): "it runs with padding masks over variable-size patch sets, which the fused kernels "
     "do not take",
     ("timm", "VisionTransformerSAM"): "its windowed attention with relative position bias is not global attention",
+    ("transformers", "LlavaNextForConditionalGeneration"): "it splits each image into a variable number of tiles "
+    "and adds a newline token per row of each tile, so the image tokens are not one fixed grid per image",
+    ("transformers", "LlavaOnevisionForConditionalGeneration"): "it splits each image into a variable number of "
+    "tiles and adds newline tokens, so the image tokens are not one fixed grid per image",
+    ("transformers", "Qwen2VLForConditionalGeneration"): "its patch merger joins 2 x 2 patches into one "
+    "language-model token and its positions are 3-D (M-RoPE); pruning must keep whole merged units and their "
+    "position ids, which pruneattn does not do for this model",
+    ("transformers", "Qwen2_5_VLForConditionalGeneration"): "its patch merger joins 2 x 2 patches into one "
+    "language-model token, its tower uses window attention and its positions are 3-D (M-RoPE), which pruneattn "
+    "does not prune for this model",
+    ("transformers", "Gemma3ForConditionalGeneration"): "its projector average-pools 4 x 4 patches into one "
+    "language-model token, so whole pooled units would have to be kept, which pruneattn does not do for it",
+    ("transformers", "Idefics3ForConditionalGeneration"): "its connector merges patches by pixel shuffle and it "
+    "splits images into tiles, so whole merged units per tile would have to be kept",
+    ("transformers", "SmolVLMForConditionalGeneration"): "its connector merges patches by pixel shuffle and it "
+    "splits images into tiles, so whole merged units per tile would have to be kept",
+    ("transformers", "Blip2ForConditionalGeneration"): "its language model reads a fixed number of Q-Former "
+    "query tokens, not the image patches, so pruning patches would not shorten what it reads",
+    ("transformers", "MllamaForConditionalGeneration"): "its language model reads the image through "
+    "cross-attention layers, not as tokens of the prompt",
 }
 
 _ADAPTERS = {"timm": "pruneattn.patch.timm", "transformers": "pruneattn.patch.hf"}
@@ -196,6 +250,20 @@ def family_of(model: object) -> Family | None:
             if fam.library == lib and name in fam.models:
                 return fam
     return None
+
+
+def vision_language_of(model: object) -> VisionLanguage | None:
+    """The vision-language family that takes ``model`` (by its class or a base class), or None."""
+    for lib, name in _mro(model):
+        for fam in VISION_LANGUAGE:
+            if fam.library == lib and name in fam.models:
+                return fam
+    return None
+
+
+def family_named(label: str) -> Family:
+    """The entry of FAMILIES with this label."""
+    return next(f for f in FAMILIES if f.label == label)
 
 
 def refusal(model: object) -> str | None:
@@ -219,7 +287,7 @@ def shape_of(family: Family, cls: type) -> BlockShape | None:
 
 def supported_text() -> str:
     """One line per family, for error messages."""
-    return "; ".join(f"{f.label} ({', '.join(f.models)})" for f in FAMILIES)
+    return "; ".join(f"{f.label} ({', '.join(f.models)})" for f in (*FAMILIES, *VISION_LANGUAGE))
 
 
 def _class_token(f: Family) -> tuple[str, str]:
@@ -237,6 +305,16 @@ def readme_table() -> str:
         models = ", ".join(f"`{m}`" for m in f.models)
         blocks = ", ".join(f"`{s.block}`" for s in f.blocks)
         rows.append(f"| {f.label} | {models} | {blocks} | {token} | {query} | {f.covers} |")
+    return "\n".join(rows)
+
+
+def vision_language_table() -> str:
+    """The README's table of supported vision-language models (a test checks that the README holds it)."""
+    rows = ["| family | model classes (and subclasses) | vision towers | covers |", "|---|---|---|---|"]
+    for f in VISION_LANGUAGE:
+        models = ", ".join(f"`{m}`" for m in f.models)
+        towers = ", ".join(family_named(t).encoder[0] for t in f.towers)
+        rows.append(f"| {f.label} | {models} | {towers} | {f.covers} |")
     return "\n".join(rows)
 
 

@@ -35,7 +35,7 @@ class BlockConfig:
     """What one pruning block does."""
 
     layer: int  # index of the block in the model's block list
-    keep_rate: float
+    keep_rate: float  # k = ceil(keep_rate * P), unless ``tokens`` is set
     stat: str
     query: str
     mode: str
@@ -45,6 +45,12 @@ class BlockConfig:
     shape: Any = field(repr=False)  # pruneattn.patch.blocks.BlockShape: where selection sits
     reader: Any = field(repr=False)  # pruneattn.patch.blocks.AttentionReader: how q, k, v are taken
     score_hook: ScoreHook | None = field(default=None, repr=False)
+    tokens: int | None = None  # keep exactly this many patches (instead of keep_rate)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the block runs selection (False: keep rate 1.0, every token passes through unchanged)."""
+        return self.tokens is not None or self.keep_rate < 1
 
 
 @dataclass(eq=False)

@@ -39,7 +39,8 @@ def derived_class(mixin: type, original: type) -> type:
     """The class ``(mixin, original)``, made once per pair (so that ``isinstance`` and compile caches hold)."""
     key = (mixin, original)
     if key not in _DERIVED:
-        name = f"Pruned{original.__name__}"
+        # A mixin with ``keeps_name`` keeps the original's name (transformers saves it in configs).
+        name = original.__name__ if getattr(mixin, "keeps_name", False) else f"Pruned{original.__name__}"
         _DERIVED[key] = type(name, (mixin, original), {"__module__": mixin.__module__, "__qualname__": name})
     return _DERIVED[key]
 

@@ -199,7 +199,7 @@ def _run_blocks(
         else:
             x = blk(x, **kw)
         cfg = configs[i]
-        if cfg is not None and cfg.keep_rate < 1:
+        if cfg is not None and cfg.selects:
             if grid:  # dropped patches keep their value after this block's attention residual
                 canvas = paint(canvas, state.before_selection.pop(i)[:, npt : npt + P], pos)
             pos, fused = compose(pos, state.kept[i]), fused or cfg.mode == "fuse"

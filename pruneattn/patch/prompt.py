@@ -1,0 +1,88 @@
+"""Shortening a prompt whose images now yield fewer tokens: each image's run of placeholders shrinks to
+the number of tokens its pruned tower output has, as if the processor had inserted that many.
+
+The caller's prompt holds ``full`` placeholders per image (the processor's count). In each image, the
+first ``kept`` placeholders stay and the rest go; every other token stays, in order. Rows that now
+differ in length (prompts with different numbers of images) are padded again, on the side the
+caller's attention mask pads (left where it pads no row, as generation needs), up to the longest row.
+Every tensor that runs along the prompt (ids, embeddings, attention mask, labels, token types,
+positions) is taken through the same :class:`Shortening`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shortening:
+    """Where each position of the shortened prompt comes from."""
+
+    source: torch.Tensor  # (B, L') int64: the caller's position (0 where padding was added)
+    real: torch.Tensor  # (B, L') bool: False where padding was added
+    removed_before: torch.Tensor  # (B, L) int64: placeholders removed before each caller position
+    padded: bool  # rows differ in length, so padding was added
+
+    @property
+    def length(self) -> int:
+        return self.source.shape[1]
+
+    def take(self, t: torch.Tensor, fill: float | int) -> torch.Tensor:
+        """``t`` (B, L, ...) along the shortened prompt, ``fill`` where padding was added."""
+        index = self.source.view(*self.source.shape, *(1,) * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+        out = t.gather(1, index)
+        real = self.real.view(*self.real.shape, *(1,) * (t.dim() - 2))
+        return out.masked_fill(~real, fill)
+
+    def positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """1-D position ids (B or 1, L) of the caller's prompt, made contiguous over the shortened one: each
+        kept token moves back by the placeholders removed before it (added padding gets 1)."""
+        pos = position_ids.expand(self.removed_before.shape[0], -1)
+        return self.take(pos - self.removed_before, 1)
+
+
+def shorten(
+    is_image: torch.Tensor,
+    full: int,
+    kept: int,
+    num_images: int,
+    attention_mask: torch.Tensor | None,
+) -> Shortening:
+    """The shortening of prompts whose image placeholders are ``is_image`` (B, L) bool, ``full`` per image
+    of which ``kept`` stay, for ``num_images`` images in all.
+
+    A single prompt is shortened without reading anything back from the device. For several prompts
+    the row lengths (and the padding side) are read back once, since the shortened length depends on
+    how many images each prompt holds; a placeholder count that does not fit ``num_images`` images then
+    raises ValueError.
+    """
+    B, L = is_image.shape
+    rank = is_image.long().cumsum(1) - 1  # index of each placeholder among its row's placeholders
+    keep = ~is_image | (rank % full < kept)
+    count = keep.sum(1)
+    left = True
+    if B == 1:
+        length, padded = L - num_images * (full - kept), False
+    else:
+        pads_left = pads_right = torch.zeros((), dtype=torch.bool, device=is_image.device)
+        if attention_mask is not None:
+            pads_left, pads_right = (attention_mask[:, 0] == 0).any(), (attention_mask[:, -1] == 0).any()
+        stats = torch.stack([count.max(), count.min(), is_image.sum(), pads_left.long(), pads_right.long()])
+        longest, shortest, placeholders, pads_left, pads_right = stats.tolist()  # the one read-back
+        if placeholders != num_images * full:
+            raise ValueError(
+                f"pruneattn: the prompts hold {placeholders} image placeholder tokens for {num_images} images of "
+                f"{full} tokens each; pass the processor's input_ids as they are"
+            )
+        length, padded = longest, longest != shortest
+        left = bool(pads_left) or not pads_right
+    dest = keep.long().cumsum(1) - 1
+    if left:
+        dest = dest + (length - count).unsqueeze(1)
+    dest = torch.where(keep, dest, length)  # removed tokens land in a spare column, cut below
+    positions = torch.arange(L, device=is_image.device).expand(B, L)
+    source = torch.zeros((B, length + 1), dtype=torch.long, device=is_image.device).scatter_(1, dest, positions)
+    real = torch.zeros((B, length + 1), dtype=torch.bool, device=is_image.device).scatter_(1, dest, keep)
+    removed = (~keep).long()
+    return Shortening(source[:, :length], real[:, :length], removed.cumsum(1) - removed, padded)

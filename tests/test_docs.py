@@ -47,12 +47,14 @@ def _between(text: str, start: str, end: str) -> str:
 
 def test_readme_support_tables_are_the_registry() -> None:
     """The README's supported and refused tables are what pruneattn.patch.registry says (regenerate them
-    with ``readme_table()`` / ``refused_table()`` after changing the registry)."""
+    with ``readme_table()`` / ``vision_language_table()`` / ``refused_table()`` after changing the registry)."""
     from pruneattn.patch import registry
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert _between(text, "checked by tests/test_docs.py -->", "<!-- end of supported families -->") == (
         registry.readme_table()
     )
+    vlm = text.split("<!-- supported vision-language models:", 1)[1]
+    assert _between(vlm, "-->", "<!-- end of supported vision-language models -->") == registry.vision_language_table()
     refused = text.split("<!-- refused classes:", 1)[1]
     assert _between(refused, "-->", "<!-- end of refused classes -->") == registry.refused_table()

@@ -373,3 +373,43 @@ def test_wrapped_model_error_hints_at_order():
 @pytest.mark.parametrize(("depth", "expected"), [(1, (0,)), (4, (1, 2, 3)), (12, (3, 6, 9)), (24, (6, 12, 18)), (27, (7, 14, 20))])
 def test_default_layers_follow_depth(depth, expected):
     assert pruneattn.default_layers(depth) == expected
+
+
+# ----------------------------------------------------------------------------- tokens=
+
+
+def test_tokens_keep_exactly_that_many_and_match_the_keep_rate_with_that_count(cpu_backend):
+    x = images(3)
+    with torch.no_grad():
+        by_rate = pruneattn.patch(tiny(), keep_rate=[0.5, 0.5], layers=(1, 4), mode="fuse")
+        by_tokens = pruneattn.patch(tiny(), tokens=[8, 4], layers=(1, 4), mode="fuse")
+        torch.testing.assert_close(by_tokens(x), by_rate(x), rtol=0, atol=0)
+        kept = pruneattn.kept_indices(by_tokens)
+    assert kept[1].shape == (3, 8) and kept[4].shape == (3, 4)
+    with torch.no_grad():
+        same = pruneattn.patch(tiny(), tokens=5, layers=(2, 5, 8))  # 5 of 16, then 5 of 5 twice
+        same(x)
+    assert [v.shape for v in pruneattn.kept_indices(same).values()] == [(3, 5)] * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(tokens=4, keep_rate=0.5), ValueError, "either keep_rate or tokens"),
+        (dict(tokens=0), ValueError, ">= 1"),
+        (dict(tokens=4.0), TypeError, "int"),
+        (dict(tokens=True), TypeError, "int"),
+        (dict(tokens=[4, 4]), ValueError, "one per layer"),
+    ],
+)
+def test_bad_tokens(kwargs, err, match):
+    model = tiny()
+    with pytest.raises(err, match=match):
+        pruneattn.patch(model, layers=(1, 2, 3), **kwargs)
+    assert all(type(b) is Block for b in model.blocks)
+
+
+def test_tokens_more_than_the_input_has_raise_at_the_forward(cpu_backend):
+    model = pruneattn.patch(tiny(), tokens=17, layers=(1,))
+    with pytest.raises(ValueError, match="tokens=17.*only 16"):
+        model(images())

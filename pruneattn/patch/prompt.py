@@ -2,9 +2,10 @@
 the number of tokens its pruned tower output has, as if the processor had inserted that many.
 
 The caller's prompt holds ``full`` placeholders per image (the processor's count). In each image, the
-first ``kept`` placeholders stay and the rest go; every other token stays, in order. Rows that now
-differ in length (prompts with different numbers of images) are padded again, on the side the
-caller's attention mask pads (left where it pads no row, as generation needs), up to the longest row.
+first ``kept`` placeholders stay and the rest go; every other token stays, in order. Several prompts
+are then padded again as the processor would have padded them: the caller's padding goes, and each
+row is padded up to the longest shortened row, on the side the caller's attention mask pads (left
+where it pads no row, as generation needs). A single prompt keeps whatever padding it has.
 Every tensor that runs along the prompt (ids, embeddings, attention mask, labels, token types,
 positions) is taken through the same :class:`Shortening`.
 """
@@ -59,15 +60,17 @@ def shorten(
     """
     B, L = is_image.shape
     rank = is_image.long().cumsum(1) - 1  # index of each placeholder among its row's placeholders
-    keep = ~is_image | (rank % full < kept)
-    count = keep.sum(1)
-    left = True
+    placeholder_kept = ~is_image | (rank % full < kept)
+    keep, left = placeholder_kept, True
     if B == 1:
+        count = keep.sum(1)
         length, padded = L - num_images * (full - kept), False
     else:
         pads_left = pads_right = torch.zeros((), dtype=torch.bool, device=is_image.device)
         if attention_mask is not None:
+            keep = keep & (attention_mask != 0)  # the caller's padding goes; the rows are padded again
             pads_left, pads_right = (attention_mask[:, 0] == 0).any(), (attention_mask[:, -1] == 0).any()
+        count = keep.sum(1)
         stats = torch.stack([count.max(), count.min(), is_image.sum(), pads_left.long(), pads_right.long()])
         longest, shortest, placeholders, pads_left, pads_right = stats.tolist()  # the one read-back
         if placeholders != num_images * full:
@@ -84,5 +87,5 @@ def shorten(
     positions = torch.arange(L, device=is_image.device).expand(B, L)
     source = torch.zeros((B, length + 1), dtype=torch.long, device=is_image.device).scatter_(1, dest, positions)
     real = torch.zeros((B, length + 1), dtype=torch.bool, device=is_image.device).scatter_(1, dest, keep)
-    removed = (~keep).long()
+    removed = (~placeholder_kept).long()  # positions move back by the placeholders removed (not the padding)
     return Shortening(source[:, :length], real[:, :length], removed.cumsum(1) - removed, padded)

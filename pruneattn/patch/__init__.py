@@ -1,10 +1,12 @@
-"""Drop-in swap for real ViTs: ``patch`` / ``unpatch`` a timm or Hugging Face model in place.
+"""Drop-in swap for real ViTs and vision-language models: ``patch`` / ``unpatch`` a timm or Hugging Face
+model in place.
 
 The chosen blocks get their class swapped to a pruning subclass (as ToMe does): no new parameters,
 identical ``state_dict``. Each pruning block holds its frozen settings (``block._pruneattn``); the
 model's encoder class is swapped too, so that every forward call keeps its kept indices in a state of
 its own (:mod:`pruneattn.patch.state`). The supported families are listed in
-:mod:`pruneattn.patch.registry`; :mod:`pruneattn.patch.prune` holds the pruning step.
+:mod:`pruneattn.patch.registry`; :mod:`pruneattn.patch.prune` holds the pruning step; vision-language
+models (the tower pruned, the prompt shortened to match) are :mod:`pruneattn.patch.vlm`.
 """
 from __future__ import annotations
 
@@ -78,6 +80,11 @@ class Amount:
     keep_rate: float
     tokens: int | None = None
 
+    @property
+    def selects(self) -> bool:
+        """Whether the block runs selection (keep rate 1.0 passes every token through)."""
+        return self.tokens is not None or self.keep_rate < 1
+
 
 def amounts(keep_rate: object, tokens: object, n: int) -> list[Amount]:
     """One checked :class:`Amount` per pruning block from ``patch``'s ``keep_rate`` / ``tokens``."""
@@ -114,7 +121,7 @@ def kept_after(num_patches: int, amounts_in_order: Sequence[Amount]) -> int:
                     f"tokens={a.tokens} is more than the {num_patches} patches that pruning block receives"
                 )
             num_patches = a.tokens
-        elif a.keep_rate < 1:
+        elif a.selects:
             num_patches = kept_of_rate(num_patches, a.keep_rate)
     return num_patches
 
@@ -147,7 +154,7 @@ class EncoderPatch:
                 layer, amount.keep_rate, self.stat, self.query, self.mode, num_prefix, fused_in=fused, plan=plan,
                 shape=self.shapes[layer], reader=reader, score_hook=self.score_hook, tokens=amount.tokens,
             )
-            fused = fused or (self.mode == "fuse" and block._pruneattn.selects)
+            fused = fused or (self.mode == "fuse" and amount.selects)
         adapter.attach(self.family, self.encoder, plan)
         return plan
 

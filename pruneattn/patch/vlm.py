@@ -133,7 +133,7 @@ def patch(
         class_token=class_token,
         drops_first=strategy == "default",
         amounts=checked.amounts,
-        fused=mode == "fuse" and any(a.tokens is not None or a.keep_rate < 1 for a in checked.amounts),
+        fused=mode == "fuse" and any(a.selects for a in checked.amounts),
         feature_layer=feature_layer if not isinstance(feature_layer, Sequence) else tuple(feature_layer),
         select_strategy=strategy,
     )
@@ -142,7 +142,6 @@ def patch(
     base._pruneattn_prompt = prompt
     base._pruneattn_hooks = (base.register_forward_pre_hook(_shorten_base, with_kwargs=True),)
     if model is not base:
-        model._pruneattn_prompt = prompt
         model.__dict__["_pruneattn_base"] = base  # not a submodule: the base is already one
         model._pruneattn_hooks = (model.register_forward_pre_hook(_shorten_labels, with_kwargs=True),)
         if hasattr(model, "generate"):

@@ -262,9 +262,9 @@ def _shorten_labels(model: nn.Module, args: tuple, kwargs: dict):
 # ----------------------------------------------------------------------------- generate
 
 
-def _generation_lengths(model: nn.Module, kwargs: dict, removed: int) -> dict:
+def _generation_lengths(model: nn.Module, kwargs: dict, args: tuple, removed: int) -> dict:
     """``max_length`` / ``min_length`` count the prompt: move them back by the removed placeholders."""
-    config = kwargs.get("generation_config") or model.generation_config
+    config = kwargs.get("generation_config") or (args[0] if args else None) or model.generation_config
     if kwargs.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
         kwargs["max_length"] = max(1, kwargs.get("max_length", config.max_length) - removed)
     min_length = kwargs.get("min_length", getattr(config, "min_length", 0)) or 0
@@ -290,7 +290,7 @@ class PrunedGeneration(Swapped):
         prompt_ids = call.get("input_ids")
         short = shortened_call(base, call, cut)
         length = (prompt_ids if prompt_ids is not None else call["inputs_embeds"]).shape[1]
-        short = _generation_lengths(self, short, length - cut.length)
+        short = _generation_lengths(self, short, args, length - cut.length)
         token = _SHORT.set(_SHORT.get() | {id(base)})
         try:
             out = super().generate(None, *args, **short)

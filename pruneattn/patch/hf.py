@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pruneattn.ops import split_qkv
 from pruneattn.patch.blocks import BlockShape, PrunedSequential
-from pruneattn.patch.registry import Family, HFAttention
+from pruneattn.patch.registry import Family, HFAttention, attribute
 from pruneattn.patch.state import Plan, begin, current, end
 
 try:  # transformers 5.x collects output_attentions through this context variable
@@ -44,7 +45,12 @@ class HFReader:
 
     def heads(self, att: nn.Module, x: torch.Tensor, rope: torch.Tensor | None):
         B, N, _ = x.shape
-        return tuple(p(x).view(B, N, -1, att.head_dim).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+        if self.names.qkv is not None:
+            return split_qkv(getattr(att, self.names.qkv)(x), att.num_heads)
+        q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
+        if self.names.qk_norm is not None:
+            q, k = (getattr(att, n)(t) for n, t in zip(self.names.qk_norm, (q, k)))
+        return tuple(t.view(B, N, -1, att.head_dim).transpose(1, 2) for t in (q, k, v))
 
     def scale(self, att: nn.Module) -> float:
         return float(getattr(att, self.names.scale))  # see TimmReader.scale
@@ -52,7 +58,8 @@ class HFReader:
     def project(self, att: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         _record_no_attention()
         B, H, N, d = out.shape
-        return getattr(att, self.names.out)(out.transpose(1, 2).reshape(B, N, H * d))
+        y = getattr(att, self.names.out)(out.transpose(1, 2).reshape(B, N, H * d))
+        return y if self.names.out_dropout is None else getattr(att, self.names.out_dropout)(y)
 
     def dropout(self, att: nn.Module) -> float:
         return float(getattr(att, self.names.dropout))
@@ -60,6 +67,15 @@ class HFReader:
 
 def _begin_call(encoder: nn.Module, args: tuple) -> None:
     begin(encoder._pruneattn_plan)
+
+
+def _masked_patches(embeddings: nn.Module, args: tuple, output: object) -> None:
+    """ViT-MAE's embeddings return (tokens, mask, ids_restore) after dropping patches at random: the
+    patches they kept, in order, are where the later kept indices point (so those index the full grid)."""
+    state = current(embeddings._pruneattn_plan)
+    if state is not None and isinstance(output, tuple) and len(output) == 3:
+        tokens, _, restore = output
+        state.origin = restore.argsort(dim=1)[:, : tokens.shape[1] - 1]
 
 
 def _end_call(encoder: nn.Module, args: tuple, output: object) -> None:
@@ -97,6 +113,10 @@ class HFAdapter:
             encoder.register_forward_pre_hook(_begin_call),
             encoder.register_forward_hook(_end_call, always_call=True),
         )
+        if family.masking is not None:
+            embeddings = attribute(encoder, family.masking)
+            embeddings._pruneattn_plan = plan
+            embeddings._pruneattn_hooks = (embeddings.register_forward_hook(_masked_patches),)
 
     def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
         att = getattr(block, shape.attention.module)

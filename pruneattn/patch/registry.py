@@ -30,6 +30,9 @@ class HFAttention:
     out: str  # the output projection
     scale: str  # the logit scale
     dropout: str  # the attention-dropout probability
+    qkv: str | None = None  # one fused q / k / v projection (BLIP-2); None: q_proj / k_proj / v_proj
+    qk_norm: tuple[str, str] | None = None  # norms of q and k over all heads, before the split (InternVL)
+    out_dropout: str | None = None  # a dropout after the output projection
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Family:
     class_token: bool | None = True  # None: the model says (timm: ``cls_token`` is set)
     rotary: bool = False  # rotary tables follow the kept patches (timm ``Eva``)
     attention: HFAttention | None = None  # Hugging Face attention names; None: timm's modules
+    masking: str | None = None  # attribute path of an embedding that drops patches at random (ViT-MAE)
 
 
 def attribute(obj: object, path: str) -> object:
@@ -99,6 +103,9 @@ _POST = Residual("attn", after=("norm1", "drop_path1"))
 _POST_MLP = Residual("mlp", after=("norm2", "drop_path2"))
 _HF_VIT = HFAttention(out="o_proj", scale="scaling", dropout="attention_dropout")
 _HF_CLIP = HFAttention(out="out_proj", scale="scale", dropout="dropout")
+_VIT_LAYER = (Residual("attention", norm="layernorm_before", after=("dropout",)),
+              Residual("mlp", norm="layernorm_after", after=("dropout",)))
+_CLIP_LAYER = (Residual("self_attn", norm="layer_norm1"), Residual("mlp", norm="layer_norm2"))
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -167,6 +174,62 @@ FAMILIES: tuple[Family, ...] = (
         layers="encoder.layer", encoder=("Dinov2WithRegistersModel",),
         prefix_from="config.num_register_tokens", attention=_HF_VIT,
     ),
+    Family(
+        "Hugging Face ViT-MSN", "transformers", ("ViTMSNModel", "ViTMSNForImageClassification"),
+        "facebook/vit-msn-*",
+        (Sequential("ViTMSNLayer", *_VIT_LAYER),), layers="layers", encoder=("ViTMSNModel",), attention=_HF_VIT,
+    ),
+    Family(
+        "Hugging Face I-JEPA", "transformers", ("IJepaModel", "IJepaForImageClassification"),
+        "facebook/ijepa_* (no class token: query='mean')",
+        (Sequential("IJepaLayer", *_VIT_LAYER),), layers="layers", encoder=("IJepaModel",), prefix=0,
+        class_token=False, attention=_HF_VIT,
+    ),
+    Family(
+        "Hugging Face ViT-MAE", "transformers", ("ViTMAEModel",),
+        "facebook/vit-mae-* encoder (with its random masking on, kept indices index the full grid)",
+        (Sequential("ViTMAELayer", *_VIT_LAYER),), layers="layers", encoder=("ViTMAEModel",), attention=_HF_VIT,
+        masking="embeddings",
+    ),
+    Family(
+        "Hugging Face Chinese-CLIP vision", "transformers", ("ChineseCLIPVisionModel", "ChineseCLIPModel"),
+        "OFA-Sys/chinese-clip-vit-* (the vision side)",
+        (Sequential("ChineseCLIPVisionLayer", *_CLIP_LAYER),), layers="encoder.layers",
+        encoder=("ChineseCLIPVisionModel",), attention=_HF_CLIP,
+    ),
+    Family(
+        "Hugging Face OWLv2 vision", "transformers", ("Owlv2VisionModel",),
+        "google/owlv2-* vision model (the detector itself is refused: it needs every patch)",
+        (Sequential("Owlv2EncoderLayer", *_CLIP_LAYER),), layers="encoder.layers",
+        encoder=("Owlv2VisionTransformer",), attention=_HF_CLIP,
+    ),
+    Family(
+        "Hugging Face GIT vision", "transformers", ("GitVisionModel",),
+        "microsoft/git-* vision encoder",
+        (Sequential("GitVisionEncoderLayer", *_CLIP_LAYER),), layers="encoder.layers",
+        encoder=("GitVisionTransformer",), attention=_HF_CLIP,
+    ),
+    Family(
+        "Hugging Face BLIP-2 vision", "transformers", ("Blip2VisionModel",),
+        "Salesforce/blip2-* vision encoder (one fused qkv projection)",
+        (Sequential("Blip2EncoderLayer", *_CLIP_LAYER),), layers="encoder.layers", encoder=("Blip2VisionModel",),
+        attention=HFAttention(out="projection", scale="scale", dropout="attention_dropout", qkv="qkv"),
+    ),
+    Family(
+        "Hugging Face AIMv2 vision", "transformers", ("Aimv2VisionModel",),
+        "apple/aimv2-* (no class token: query='mean'; RMSNorm)",
+        (Sequential("Aimv2EncoderLayer", Residual("attention", norm="rms_norm1"), Residual("ffn", norm="rms_norm2")),),
+        layers="encoder.layers", encoder=("Aimv2VisionModel",), prefix=0, class_token=False, attention=_HF_CLIP,
+    ),
+    Family(
+        "Hugging Face InternVL vision", "transformers", ("InternVLVisionModel",),
+        "OpenGVLab/InternVL3-* vision encoder (q/k norm, layer scale)",
+        (Sequential("InternVLVisionLayer", Residual("attention", norm="layernorm_before", after=("lambda_1",)),
+                    Residual("mlp", norm="layernorm_after", after=("dropout", "lambda_2"))),),
+        layers="encoder.layer", encoder=("InternVLVisionModel",),
+        attention=HFAttention(out="projection_layer", scale="scale", dropout="attention_dropout",
+                              qk_norm=("q_norm", "k_norm"), out_dropout="projection_dropout"),
+    ),
 )
 
 
@@ -214,6 +277,12 @@ REFUSED: dict[tuple[str, str], str] = {
     ("timm", "NaFlexVit"): "it runs with padding masks over variable-size patch sets, which the fused kernels "
     "do not take",
     ("timm", "VisionTransformerSAM"): "its windowed attention with relative position bias is not global attention",
+    ("transformers", "BeitModel"): _REL_POS,
+    ("transformers", "Data2VecVisionModel"): _REL_POS,
+    ("transformers", "ViTMAEForPreTraining"): "its decoder puts every patch of the grid back in place and "
+    "reconstructs the masked ones, so it needs all patch tokens; patch its encoder (model.vit) instead",
+    ("transformers", "Owlv2ForObjectDetection"): "its heads predict one box per patch of the full grid; patch "
+    "its Owlv2VisionModel alone for features",
     ("transformers", "LlavaNextForConditionalGeneration"): "it splits each image into a variable number of tiles "
     "and adds a newline token per row of each tile, so the image tokens are not one fixed grid per image",
     ("transformers", "LlavaOnevisionForConditionalGeneration"): "it splits each image into a variable number of "

@@ -224,3 +224,78 @@ def test_triton_kernels_in_each_family(device, name):
         pruneattn.patch(model, keep_rate=[RATES[i] for i in LAYERS], layers=LAYERS, mode="fuse")
         out = patched_tokens(model, x, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- DINOv3: rotary tables follow
+
+
+def dinov3(registers: int = 2, gated: bool = False, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = T.DINOv3ViTConfig(**SMALL, num_register_tokens=registers, use_gated_mlp=gated, layerscale_value=0.5)
+    return sharpen(T.DINOv3ViTModel(cfg)).eval()
+
+
+def dinov3_parts(layer) -> Parts:
+    a = layer.attention
+    qkv = lambda h: tuple(heads(p(h), a.head_dim) for p in (a.q_proj, a.k_proj, a.v_proj))  # noqa: E731
+    return Parts([Branch(layer.norm1, qkv, lambda o, h: layer.layer_scale1(a.o_proj(o)))], a.scaling,
+                 lambda x: layer.layer_scale2(layer.mlp(layer.norm2(x))), rotate_half=True)
+
+
+def dinov3_reference(model, x, rates, **kw):
+    tokens = model.embeddings(x)
+    cos, sin = model.rope_embeddings(x)
+    table = torch.cat([sin, cos], dim=-1)  # timm's layout: sin halves, then cos halves
+    return run_by_parts(tokens, model.model.layer, dinov3_parts, rates, num_prefix=tokens.shape[1] - 16,
+                        rope=table, **kw)
+
+
+@pytest.mark.parametrize("mode,stat,gated", [("drop", "var", False), ("fuse", "mad", True), ("fuse", "var", False)])
+def test_dinov3_pruned_matches_reference(cpu_backend, mode, stat, gated):
+    """Every block after a pruning block rotates each kept patch by its original grid position."""
+    model = dinov3(gated=gated).double()
+    x = images().double()
+    rates = {1: 0.7, 2: 0.5, 4: 0.7}
+    with torch.no_grad():
+        ref, trace = dinov3_reference(model, x, rates, stat=stat, mode=mode)
+        pruneattn.patch(model, keep_rate=list(rates.values()), layers=list(rates), stat=stat, mode=mode)
+        out = model(pixel_values=x, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[-1], ref, rtol=FP64_TOL, atol=FP64_TOL)
+    torch.testing.assert_close(out.last_hidden_state, model.norm(ref), rtol=FP64_TOL, atol=FP64_TOL)
+    kept = pruneattn.kept_indices(model)
+    assert kept.keys() == trace.kept.keys() and all(torch.equal(kept[i], trace.kept[i]) for i in kept)
+
+
+def test_dinov3_keep_one_unpatch_and_checkpointing(cpu_backend):
+    model = dinov3()
+    x = images()
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+        pruneattn.patch(model, keep_rate=1.0, layers=(0, 2, 4))
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+        pruneattn.unpatch(model)
+        assert all(type(layer) is T.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayer for layer in model.model.layer)
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref, rtol=0, atol=0)
+    # activation checkpointing: the backward's recompute reuses the gathered tables
+    plain = dinov3().train()
+    ckpt = dinov3().train()
+    ckpt.activation_checkpointing_enable()
+    grads = []
+    for m in (plain, ckpt):
+        pruneattn.patch(m, keep_rate=0.5, layers=(1, 3), mode="fuse")
+        torch.manual_seed(5)  # the same random rotary augmentation (train mode) for both
+        m(pixel_values=x).last_hidden_state.square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dinov3_triton_kernels(device):
+    model = dinov3().to(device)
+    x = images().to(device)
+    with torch.no_grad():
+        ref, _ = dinov3_reference(model, x, {1: 0.7, 3: 0.5}, mode="fuse")
+        pruneattn.patch(model, keep_rate=[0.7, 0.5], layers=(1, 3), mode="fuse")
+        out = model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -265,7 +265,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             restore(m)
         for handle in m.__dict__.pop("_pruneattn_hooks", ()):
             handle.remove()
-        for name in ("_pruneattn", "_pruneattn_plan", "_pruneattn_prompt", "_pruneattn_base"):
+        for name in ("_pruneattn", "_pruneattn_plan", "_pruneattn_prompt", "_pruneattn_base", "_pruneattn_follow"):
             m.__dict__.pop(name, None)
     return model
 

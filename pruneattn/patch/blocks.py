@@ -107,10 +107,14 @@ class PrunedSequential(Swapped):
 
     _pruneattn: BlockConfig
 
-    def forward(self, x: torch.Tensor, *args, rope: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args, rope: torch.Tensor | None = None, position_embeddings: tuple | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         check_traceable(x)
         check_no_mask(args, kwargs)
         cfg = self._pruneattn
+        rope = position_embeddings if rope is None else rope  # timm's rotary table, or Hugging Face's (cos, sin)
         a, m = cfg.shape.attention, cfg.shape.mlp
         h = x if a.norm is None else part(self, a.norm)(x)
         y, stats = attend(cfg, cfg.reader, part(self, a.module), h, rope)

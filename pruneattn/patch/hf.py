@@ -13,13 +13,17 @@ tuple still has one entry per layer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from pruneattn.ops import split_qkv
 from pruneattn.patch.blocks import BlockShape, PrunedSequential
-from pruneattn.patch.registry import Family, HFAttention, attribute
+from pruneattn.patch.positions import compose, gather_rows
+from pruneattn.patch.registry import Family, HFAttention, attribute, blocks_of
 from pruneattn.patch.state import Plan, begin, current, end
+from pruneattn.patch.swap import Swapped, swap
 
 try:  # transformers 5.x collects output_attentions through this context variable
     from transformers.utils.output_capturing import _active_collector
@@ -37,6 +41,19 @@ def _record_no_attention() -> None:
         collected["attentions"].append(None)
 
 
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rotate_patches(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding as Hugging Face's DINOv3 applies it: the last P tokens of ``t`` (B, H, N, d) are
+    rotated by ``(cos, sin)``, (P, d) or per image (B, 1, P, d); the prefix tokens before them are not."""
+    cos, sin = rope
+    prefix, patches = t.split((t.shape[-2] - sin.shape[-2], sin.shape[-2]), dim=-2)
+    return torch.cat((prefix, patches * cos + _rotate_half(patches) * sin), dim=-2).type_as(t)
+
+
 class HFReader:
     """q, k, v of a Hugging Face attention module from its separate projections; its output projection."""
 
@@ -50,7 +67,10 @@ class HFReader:
         q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
         if self.names.qk_norm is not None:
             q, k = (getattr(att, n)(t) for n, t in zip(self.names.qk_norm, (q, k)))
-        return tuple(t.view(B, N, -1, att.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, N, -1, att.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = rotate_patches(q, rope), rotate_patches(k, rope)
+        return q, k, v
 
     def scale(self, att: nn.Module) -> float:
         return float(getattr(att, self.names.scale))  # see TimmReader.scale
@@ -84,6 +104,57 @@ def _end_call(encoder: nn.Module, args: tuple, output: object) -> None:
         end(state, output is not None)
 
 
+@dataclass(frozen=True)
+class Follow:
+    """What a block after a pruning block needs to rotate its tokens by their original grid positions."""
+
+    plan: Plan
+    earlier: tuple[int, ...]  # the pruning blocks before it
+    fused: bool  # its input ends with a fused token
+
+
+class FollowsKeptPatches(Swapped):
+    """Swapped into every block of a rotary family after the first pruning block: its ``(cos, sin)``
+    tables are gathered per image at the original grid positions of the tokens it receives (the fused
+    token, if any, gets the identity rotation). This happens in ``__call__``, before transformers'
+    activation checkpointing wraps the forward, so that a recompute reuses the gathered tables."""
+
+    keeps_name = True
+    _pruneattn_follow: Follow
+
+    def __call__(self, *args, **kwargs):
+        follow = self._pruneattn_follow
+        state = current(follow.plan)
+        tables = kwargs.get("position_embeddings")
+        if state is not None and tables is not None:
+            pos = None
+            for layer in follow.earlier:
+                if layer in state.kept:
+                    pos = compose(pos, state.kept[layer])
+            cos, sin = tables
+            fused = follow.fused
+            kwargs["position_embeddings"] = (gather_rows(cos, pos, 1.0 if fused else None),
+                                             gather_rows(sin, pos, 0.0 if fused else None))
+        return super().__call__(*args, **kwargs)
+
+
+class PrunedFollowing(FollowsKeptPatches, PrunedSequential):
+    """A pruning block after another pruning block in a rotary family."""
+
+    keeps_name = False
+
+
+def _follow_kept_patches(family: Family, encoder: nn.Module, plan: Plan) -> None:
+    blocks = blocks_of(family, encoder)
+    fused = False
+    for i, block in enumerate(blocks):
+        if i > plan.layers[0]:
+            swap(block, PrunedFollowing if i in plan.layers else FollowsKeptPatches)
+            block._pruneattn_follow = Follow(plan, tuple(l for l in plan.layers if l < i), fused)
+        cfg = getattr(block, "_pruneattn", None)
+        fused = fused or (cfg is not None and cfg.mode == "fuse" and cfg.selects)
+
+
 class HFAdapter:
     """The :class:`pruneattn.patch.registry.Adapter` of the Hugging Face families."""
 
@@ -113,6 +184,8 @@ class HFAdapter:
             encoder.register_forward_pre_hook(_begin_call),
             encoder.register_forward_hook(_end_call, always_call=True),
         )
+        if family.rotary:
+            _follow_kept_patches(family, encoder, plan)
         if family.masking is not None:
             embeddings = attribute(encoder, family.masking)
             embeddings._pruneattn_plan = plan

@@ -7,6 +7,7 @@ for each remaining patch token, its index in the ORIGINAL grid (row-major, 0 = f
 - :func:`rotary_table`: a rotary position table (timm ``Eva``: EVA02, RoPE ViTs, DINOv3) gathered per
   image, so that every later block rotates each token by its original position. A fused token, if
   present, gets the identity rotation (sin 0, cos 1): it has no position, like the prefix tokens.
+- :func:`gather_rows`: the same for Hugging Face's separate ``cos`` / ``sin`` tables (DINOv3).
 - :func:`paint`: a (B, P, C) grid that keeps, for every patch, its last computed representation, for
   features that ask for a full grid (timm ``forward_intermediates`` with ``output_fmt="NCHW"``).
 """
@@ -40,6 +41,19 @@ def rotary_table(table: torch.Tensor, pos: torch.Tensor | None, fused: bool) -> 
         identity = torch.cat([out.new_zeros(D // 2), out.new_ones(D - D // 2)])
         out = torch.cat([out, identity.expand(B, X, 1, D)], dim=2)
     return out
+
+
+def gather_rows(table: torch.Tensor, pos: torch.Tensor | None, fused: float | None) -> torch.Tensor:
+    """One per-patch table (P, D) (Hugging Face rotary ``cos`` or ``sin``) for the current tokens:
+    gathered per image at ``pos`` into (B, 1, P', D), plus one row of ``fused`` (1 for cos, 0 for sin:
+    the identity rotation) when the sequence ends with a fused token (None: it does not)."""
+    if pos is None:
+        return table
+    B, Pk = pos.shape
+    out = table.expand(B, *table.shape[-2:]).gather(1, pos[:, :, None].expand(B, Pk, table.shape[-1]))
+    if fused is not None:
+        out = torch.cat([out, out.new_full((B, 1, table.shape[-1]), fused)], dim=1)
+    return out.unsqueeze(1)
 
 
 def paint(grid: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:

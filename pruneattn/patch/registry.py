@@ -49,7 +49,7 @@ class Family:
     prefix: int = 1  # tokens before the patches (class, distillation)...
     prefix_from: str | None = None  # ...plus this attribute path of the encoder (timm, registers)
     class_token: bool | None = True  # None: the model says (timm: ``cls_token`` is set)
-    rotary: bool = False  # rotary tables follow the kept patches (timm ``Eva``)
+    rotary: bool = False  # rotary tables follow the kept patches (timm ``Eva``, Hugging Face DINOv3)
     attention: HFAttention | None = None  # Hugging Face attention names; None: timm's modules
     masking: str | None = None  # attribute path of an embedding that drops patches at random (ViT-MAE)
 
@@ -173,6 +173,14 @@ FAMILIES: tuple[Family, ...] = (
                     Residual("mlp", norm="norm2", after=("layer_scale2", "drop_path"))),),
         layers="encoder.layer", encoder=("Dinov2WithRegistersModel",),
         prefix_from="config.num_register_tokens", attention=_HF_VIT,
+    ),
+    Family(
+        "Hugging Face DINOv3 ViT", "transformers", ("DINOv3ViTModel",),
+        "facebook/dinov3-vit* (registers, layer scale; the rotary tables follow the kept patches)",
+        (Sequential("DINOv3ViTLayer", Residual("attention", norm="norm1", after=("layer_scale1", "drop_path")),
+                    Residual("mlp", norm="norm2", after=("layer_scale2", "drop_path"))),),
+        layers="model.layer", encoder=("DINOv3ViTModel",), prefix_from="config.num_register_tokens",
+        rotary=True, attention=HFAttention(out="o_proj", scale="scaling", dropout="dropout"),
     ),
     Family(
         "Hugging Face ViT-MSN", "transformers", ("ViTMSNModel", "ViTMSNForImageClassification"),

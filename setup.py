@@ -28,6 +28,7 @@ setup(
             "hypothesis",
             "timm>=1.0",
             "transformers>=4.40",
+            "open_clip_torch",
             "matplotlib",
         ],
     },

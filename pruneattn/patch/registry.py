@@ -175,6 +175,14 @@ FAMILIES: tuple[Family, ...] = (
         prefix_from="config.num_register_tokens", attention=_HF_VIT,
     ),
     Family(
+        "open_clip VisionTransformer", "open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP", "CoCa"),
+        "open_clip.create_model('ViT-*') towers (`model.visual`; nn.MultiheadAttention read in place; class-token, "
+        "average or attentional pooling of the kept tokens; patch dropout)",
+        (Sequential("ResidualAttentionBlock", Residual("attn", norm="ln_1", after=("ls_1",)),
+                    Residual("mlp", norm="ln_2", after=("ls_2",))),),
+        layers="transformer.resblocks", encoder=("VisionTransformer",),
+    ),
+    Family(
         "Hugging Face DINOv3 ViT", "transformers", ("DINOv3ViTModel",),
         "facebook/dinov3-vit* (registers, layer scale; the rotary tables follow the kept patches)",
         (Sequential("DINOv3ViTLayer", Residual("attention", norm="norm1", after=("layer_scale1", "drop_path")),
@@ -313,7 +321,8 @@ REFUSED: dict[tuple[str, str], str] = {
     "cross-attention layers, not as tokens of the prompt",
 }
 
-_ADAPTERS = {"timm": "pruneattn.patch.timm", "transformers": "pruneattn.patch.hf"}
+_ADAPTERS = {"timm": "pruneattn.patch.timm", "transformers": "pruneattn.patch.hf",
+             "open_clip": "pruneattn.patch.openclip"}
 
 
 def _mro(model: object) -> list[tuple[str, str]]:

@@ -28,18 +28,11 @@ from transformers import (
 )
 
 import pruneattn
+from model_reference import one_thread  # noqa: F401 (fixture: one intra-op thread for these tiny models)
 
 IMAGE = 99  # the image placeholder id of these configs
 PAD = 0
 GRID = 16  # 32 x 32 px images, 8 px patches
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sharpen(tower: torch.nn.Module, factor: float = 4.0) -> None:

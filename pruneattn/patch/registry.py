@@ -293,6 +293,17 @@ REFUSED: dict[tuple[str, str], str] = {
     ("timm", "NaFlexVit"): "it runs with padding masks over variable-size patch sets, which the fused kernels "
     "do not take",
     ("timm", "VisionTransformerSAM"): "its windowed attention with relative position bias is not global attention",
+    ("transformers", "Siglip2VisionModel"): "it takes images of different sizes in one batch, padded and "
+    "marked by a padding mask (NaFlex), which pruneattn's attention does not take",
+    ("transformers", "Idefics3VisionTransformer"): "its patches come with a padding mask (images of different "
+    "sizes in one batch), which pruneattn's attention does not take",
+    ("transformers", "SmolVLMVisionTransformer"): "its patches come with a padding mask (images of different "
+    "sizes in one batch), which pruneattn's attention does not take",
+    ("transformers", "PixtralVisionModel"): "it packs the images of a batch into one sequence with a "
+    "block-diagonal attention mask, so scores and selection would have to be per image inside one sequence",
+    ("transformers", "Qwen2_5_VisionTransformerPretrainedModel"): "most of its blocks attend within windows, "
+    "its images are packed into one sequence, and its merger needs whole 2 x 2 units, which pruneattn does "
+    "not prune",
     ("transformers", "BeitModel"): _REL_POS,
     ("transformers", "Data2VecVisionModel"): _REL_POS,
     ("transformers", "ViTMAEForPreTraining"): "its decoder puts every patch of the grid back in place and "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pruneattn.patch.blocks import BlockShape, PrunedSequential
-from pruneattn.patch.registry import Family, HFAttention
+from pruneattn.patch.registry import Family, HFAttention, blocks_of
 from pruneattn.patch.state import Plan, begin, current, end
 
 try:  # transformers 5.x collects output_attentions through this context variable
@@ -58,14 +58,38 @@ class HFReader:
         return float(getattr(att, self.names.dropout))
 
 
-def _begin_call(encoder: nn.Module, args: tuple) -> None:
+# One entry per running call of a patched encoder (innermost last): whether its caller passed an
+# attention mask. A list, not a context variable: torch.compile traces list updates, not ContextVar.set.
+_CALLER_MASK: list[bool] = []
+
+
+def _begin_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    # Anything positional after pixel_values may be a mask: counted as one.
+    _CALLER_MASK.append(len(args) > 1 or kwargs.get("attention_mask") is not None)
     begin(encoder._pruneattn_plan)
 
 
-def _end_call(encoder: nn.Module, args: tuple, output: object) -> None:
+def _end_call(encoder: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    if _CALLER_MASK:
+        _CALLER_MASK.pop()
     state = current(encoder._pruneattn_plan)
     if state is not None:
         end(state, output is not None)
+
+
+def _drop_own_mask(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of each layer of a patched encoder: when the encoder's caller passed no attention
+    mask, the mask the encoder built itself lets every token see every token, so the layer gets None
+    instead (transformers builds that mask, for all tokens, rather than None while it believes it is
+    exporting, as under torch 2.11's ``torch.compile``). A mask the caller passed reaches the layers,
+    and the patched ones refuse it."""
+    if not _CALLER_MASK or _CALLER_MASK[-1]:
+        return None
+    if len(args) > 1 and args[1] is not None:
+        args = (args[0], None, *args[2:])
+    if kwargs.get("attention_mask") is not None:
+        kwargs = {**kwargs, "attention_mask": None}
+    return args, kwargs
 
 
 class HFAdapter:
@@ -94,9 +118,11 @@ class HFAdapter:
         would change the class name that transformers keys its output recording (and saved configs) on."""
         encoder._pruneattn_plan = plan
         encoder._pruneattn_hooks = (
-            encoder.register_forward_pre_hook(_begin_call),
-            encoder.register_forward_hook(_end_call, always_call=True),
+            encoder.register_forward_pre_hook(_begin_call, with_kwargs=True),
+            encoder.register_forward_hook(_end_call, with_kwargs=True, always_call=True),
         )
+        for block in blocks_of(family, encoder):  # the later unpatched layers too: they see fewer tokens
+            block._pruneattn_hooks = (block.register_forward_pre_hook(_drop_own_mask, with_kwargs=True),)
 
     def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
         att = getattr(block, shape.attention.module)

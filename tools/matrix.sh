@@ -12,7 +12,9 @@
 #
 # Writes benchmarks/results/matrix/<row>.json (versions, counts, wall time, failures) and
 # matrix.md (the table of every row there). Environment: MATRIX_VENVS (where the environments go,
-# outside the repository; default ~/.cache/pruneattn-matrix), MATRIX_JOBS (pytest workers, default 2).
+# outside the repository; default ~/.cache/pruneattn-matrix), MATRIX_JOBS (pytest workers, default 2),
+# MATRIX_WAIT_WHILE (a pgrep -f pattern: before each suite, wait while such a process runs, e.g. a
+# timing benchmark that the suite would disturb).
 # Each row downloads about 3 GB the first time (torch with its CUDA libraries; pip caches them).
 set -euo pipefail
 
@@ -53,6 +55,11 @@ run_row() {
     "$py" -m pip install -q ${TORCH[$row]}
     "$py" -m pip install -q -e "$ROOT[test]" ${PINS[$row]}
     "$py" -m pip check || true
+    if [[ -n "${MATRIX_WAIT_WHILE:-}" ]]; then
+        while pgrep -f "$MATRIX_WAIT_WHILE" >/dev/null; do
+            echo "== $row: waiting for '$MATRIX_WAIT_WHILE' to finish"; sleep 60
+        done
+    fi
     echo "== $row: test suite"
     start=$(date +%s)
     local load_start

@@ -6,15 +6,24 @@ import importlib
 import sys
 
 
+def plain(text: str) -> str:
+    """Docstring text as a terminal shows it: without the double back-ticks that mark code."""
+    return text.replace("``", "")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the description's layout and shows each option's default, except for flags and None defaults
-    and where the help text already names the default."""
+    and where the help text already names the default; drops the docstrings' code marks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.default in (None, False) or "default" in text:
             return text
         return super()._get_help_string(action)
+
+    def format_help(self) -> str:
+        return plain(super().format_help())
+
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pruneattn.fashion_mnist.demo",

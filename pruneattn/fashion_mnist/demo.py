@@ -9,6 +9,7 @@ Runs on the GPU (Triton kernels) when there is one, else on the CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,27 @@ def images_per_second(model, x: torch.Tensor, *, repeats: int = 5, min_seconds: 
 def predict(model, x: torch.Tensor, batch_size: int = 256, progress: bool = False, desc: str = "") -> torch.Tensor:
     starts = progress_bar(range(0, len(x), batch_size), enabled=progress, desc=desc, leave=False, unit="batch")
     return torch.cat([model(x[i : i + batch_size]).argmax(-1).cpu() for i in starts])
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def timing_note(rounds: int, load_start: float | None, load_end: float | None, cpus: int | None) -> str:
+    """How the speeds were measured, and a warning when other work loaded the machine meanwhile."""
+    how = ("one short round" if rounds == 1 else
+           f"best of {rounds} rounds, the configurations taking turns so that a change of load hits all alike")
+    if load_start is None or load_end is None or not cpus:
+        return f"speed: {how}"
+    note = f"speed: {how}; 1-minute load average {load_start:.2f} at start, {load_end:.2f} at end, on {cpus} CPUs"
+    if max(load_start, load_end) > cpus + 0.5:
+        note += (" (busy: more work than CPUs, so the speed-ups can be off, even below 1x; "
+                 "run again on an idle machine)")
+    return note
 
 
 def kept_masks(model, x: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
@@ -154,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds per timing repeat (5 repeats, best kept; default: 0.5, with --quick one short repeat)")
     p.add_argument("--images", type=int, default=6, help="images in the picture")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="PNG of the kept patches to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     args = p.parse_args(argv)
 
     import pruneattn
@@ -202,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         configure(stat)
         row = {}
         for set_name, imgs, labels in sets:
-            pred = predict(model, view(imgs), progress=len(imgs) > 1000, desc=f"{name}, {set_name}")
+            pred = predict(model, view(imgs), progress=len(imgs) > 1000 and not args.no_progress,
+                           desc=f"{name}, {set_name}")
             row[set_name] = float((pred.numpy() == labels).mean())
         if stat is not None:
             with torch.no_grad():
@@ -212,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     # Timing: the configurations take turns, round after round, and each keeps its best round, so that a
     # change in the machine's load hits all of them alike.
     short = args.quick or args.timing_seconds == 0
-    for _ in range(1 if short else 5):
+    rounds = 1 if short else 5
+    load_start = load_average()
+    for _ in range(rounds):
         for name, stat in configs:
             configure(stat)
             rate = images_per_second(model, x_bench, repeats=1, min_seconds=0.0 if short else (args.timing_seconds or 0.5))
             results[name]["images/s"] = max(results[name].get("images/s", 0.0), rate)
+    load_end = load_average()
     pruneattn.unpatch(model)
 
     width = max(len(n) for n in results) + 2
@@ -228,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = f"{row['images/s']:>12.0f} ({row['images/s'] / base:.2f}x)"
         toks = "/".join(map(str, row.get("tokens", [grid * grid + 1] * 3)))
         print(f"{name:<{width}}{accs}{speed:>24}   {toks}")
+    print(timing_note(rounds, load_start, load_end, None if device.type == "cuda" else os.cpu_count()))
 
     # The picture: a few sample images of different classes.
     picks, seen = [], set()

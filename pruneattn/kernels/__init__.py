@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from pruneattn._versions import check_interpreter
 from pruneattn.backend import interpreting
 from pruneattn.kernels._config import KERNEL_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
+
+if interpreting():
+    check_interpreter()  # versions known to break Triton's CPU interpreter: refused here, with the fix
 
 
 def check_supported(q: torch.Tensor) -> None:

@@ -85,8 +85,10 @@ class HFReader:
         return float(getattr(att, self.names.dropout))
 
 
-def _begin_call(encoder: nn.Module, args: tuple) -> None:
-    begin(encoder._pruneattn_plan)
+def _begin_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    state = begin(encoder._pruneattn_plan)
+    # Whether this call's caller passed an attention mask (anything positional after pixel_values counts).
+    state.caller_mask = len(args) > 1 or kwargs.get("attention_mask") is not None
 
 
 def _masked_patches(embeddings: nn.Module, args: tuple, output: object) -> None:
@@ -98,7 +100,7 @@ def _masked_patches(embeddings: nn.Module, args: tuple, output: object) -> None:
         state.origin = restore.argsort(dim=1)[:, : tokens.shape[1] - 1]
 
 
-def _end_call(encoder: nn.Module, args: tuple, output: object) -> None:
+def _end_call(encoder: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
     state = current(encoder._pruneattn_plan)
     if state is not None:
         end(state, output is not None)
@@ -155,6 +157,22 @@ def _follow_kept_patches(family: Family, encoder: nn.Module, plan: Plan) -> None
         fused = fused or (cfg is not None and cfg.mode == "fuse" and cfg.selects)
 
 
+def _drop_own_mask(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of each layer of a patched encoder: when the encoder's caller passed no attention
+    mask, the mask the encoder built itself lets every token see every token, so the layer gets None
+    instead (transformers builds that mask, for all tokens, rather than None while it believes it is
+    exporting, as under torch 2.11's ``torch.compile``). A mask the caller passed reaches the layers,
+    and the patched ones refuse it."""
+    state = current(layer._pruneattn_plan)
+    if state is None or state.caller_mask:
+        return None
+    if len(args) > 1 and args[1] is not None:
+        args = (args[0], None, *args[2:])
+    if kwargs.get("attention_mask") is not None:
+        kwargs = {**kwargs, "attention_mask": None}
+    return args, kwargs
+
+
 class HFAdapter:
     """The :class:`pruneattn.patch.registry.Adapter` of the Hugging Face families."""
 
@@ -181,9 +199,12 @@ class HFAdapter:
         would change the class name that transformers keys its output recording (and saved configs) on."""
         encoder._pruneattn_plan = plan
         encoder._pruneattn_hooks = (
-            encoder.register_forward_pre_hook(_begin_call),
-            encoder.register_forward_hook(_end_call, always_call=True),
+            encoder.register_forward_pre_hook(_begin_call, with_kwargs=True),
+            encoder.register_forward_hook(_end_call, with_kwargs=True, always_call=True),
         )
+        for block in blocks_of(family, encoder):  # the later unpatched layers too: they see fewer tokens
+            block._pruneattn_plan = plan
+            block._pruneattn_hooks = (block.register_forward_pre_hook(_drop_own_mask, with_kwargs=True),)
         if family.rotary:
             _follow_kept_patches(family, encoder, plan)
         if family.masking is not None:

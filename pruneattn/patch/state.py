@@ -62,6 +62,7 @@ class ForwardState:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, k) into that block's input patches
     before_selection: dict[int, torch.Tensor] = field(default_factory=dict)
     origin: torch.Tensor | None = None  # (B, L) grid positions of the tokens after patch dropout
+    caller_mask: bool = False  # the caller passed an attention mask (Hugging Face encoders)
     token: object = field(default=None, repr=False)  # restores the previous current state
 
 

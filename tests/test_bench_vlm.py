@@ -33,7 +33,7 @@ def test_smoke_suite_writes_its_files(tmp_path, cpu_backend):
     assert {r["model"] for r in data["rows"]} == {"tiny-llava", "tiny-paligemma"}
     for r in data["rows"]:
         assert META <= set(r) and r["smoke"] is True
-        assert r["ttft_ms"] > 0 and r["decode_ms_per_step"] > 0 and r["peak_mb"] > 0
+        assert r["ttft_ms"] > 0 and r["decode_ms_per_step"] > 0 and r["peak_mb"] > 0 and r["ttft_cpu_s"] > 0
         assert r["decode_steps"] == 4  # the first token, then 4 decode steps
         if r["kind"] == "pruneattn" and r["mode"] == "drop":
             assert r["same_kept_as_eager"] == 1.0
@@ -137,6 +137,11 @@ def test_eager_baseline_keeps_what_pruneattn_keeps(case):
     assert list(kept) == [F.shape_of(model.config, case.text_tokens).feature_block]
     assert eager.kept_patches().shape == (3, k)
     assert torch.equal(eager.kept_patches(), next(iter(kept.values())))
+    # and the language model reads the same tokens: the baseline's logits are pruneattn drop's
+    with torch.no_grad():
+        ours = pruned.model(**inputs).logits
+        theirs = eager.model(**eager.inputs, mm_encoder_outputs=eager.baseline.image_features(eager.pixels)).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # the unpatched model of the same weights is untouched by its patched and eager copies
     assert not hasattr(model.model, "_pruneattn_prompt") and model.model.vision_tower.config._attn_implementation == "sdpa"
 
@@ -179,6 +184,10 @@ class _FakeEvent:
 
 def test_device_plumbing_without_a_gpu(monkeypatch):
     assert V.clock_for("cpu") is V.WallClock and V.clock_for("cuda") is V.EventClock
+    wall = V.WallClock()
+    for _ in range(3):
+        wall.mark()
+    assert len(wall.seconds()) == len(wall.cpu_seconds()) == 2 and wall.seconds() == sorted(wall.seconds())
     clock = V.EventClock(_FakeEvent)
     for _ in range(4):
         clock.mark()

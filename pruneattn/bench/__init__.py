@@ -4,6 +4,9 @@
     pruneattn bench --cpu-models         DeiT-S / ViT-S-384 on the CPU, with the speed targets
     pruneattn bench --ops                op-level suite (GPU: bf16 + fp16, all standard shapes)
     pruneattn bench --models             model-level suite (GPU: DeiT-T/S/B 224, ViT-B/16 384)
+    pruneattn bench --vlm                LLaVA-1.5- and PaliGemma-224-shaped models: time to first token,
+                                         decode, peak memory vs unpatched and an eager (VisionZip-style)
+                                         baseline, with FLOP-count bounds (long on a CPU: about 1.5 h)
     pruneattn bench                      everything that fits the machine: --ops --models on a GPU,
                                          --cpu-ops --cpu-models on a CPU
 
@@ -22,12 +25,13 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("cpu-ops", "cpu-models", "ops", "models")
+_SUITES = ("cpu-ops", "cpu-models", "ops", "models", "vlm")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
 # largest temporary stay).
-TIMING_VERDICTS = frozenset({"cls_ok", "mean_ok", "bound_ok", "over_evit_ok", "batch1_ok", "deit_s_b16_ok", "memory_ok"})
+TIMING_VERDICTS = frozenset({"cls_ok", "mean_ok", "bound_ok", "over_evit_ok", "batch1_ok", "deit_s_b16_ok", "memory_ok",
+                             "ttft_bound_ok", "over_eager_ok", "below_eager_peak_ok", "below_unpatched_peak_ok"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (seconds; for CI)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for the CPU suites")
-    p.add_argument("--reps", type=int, default=None, help="timing repeats for the CPU suites (default: 15 for cpu-ops, 9 for cpu-models, 1 with --smoke)")
-    p.add_argument("--no-memory", action="store_true", help="cpu-models: skip the peak-memory subprocesses")
+    p.add_argument("--reps", type=int, default=None, help="timing repeats for the CPU suites and vlm (default: 15 for cpu-ops, 9 for cpu-models, 3 for vlm "
+                   "on a CPU and 10 on a GPU, 1 with --smoke)")
+    p.add_argument("--no-memory", action="store_true", help="cpu-models: skip the peak-memory subprocesses; vlm: "
+                   "skip the peak-memory runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -166,4 +172,51 @@ def main(argv: list[str] | None = None) -> int:
                             "over_evit", "peak_mem_mb"], smoke=args.smoke)
         print(txt)
         _write(args.out, "models", res, md, models_gpu.plot)
+    if "vlm" in chosen:
+        _run_vlm(args, device, progress)
     return 0
+
+
+def _run_vlm(args: argparse.Namespace, device, progress: bool) -> None:
+    from pruneattn.bench import vlm, vlm_models
+    from pruneattn.bench.report import markdown_table
+
+    if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
+        print("note: OMP_WAIT_POLICY is not PASSIVE; on a shared CPU set it before starting (see benchmarks/NOTES.md)")
+    partial = os.path.join(args.out, "vlm.partial.json") if args.out else None
+    if partial:
+        os.makedirs(args.out, exist_ok=True)
+    res = vlm.run_vlm(device, vlm_models.SMOKE_CASES if args.smoke else vlm_models.CASES, reps=args.reps,
+                      smoke=args.smoke, threads=args.threads, memory=not args.no_memory, progress=progress,
+                      checkpoint=partial)
+    if args.smoke:
+        _mark_smoke(res)
+    st = res["settings"]
+    reader = "`torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak bytes held by torch's CPU allocator"
+    extra = (f"\nTTFT: median (q1, q3) of {st['ttft_reps']} interleaved repeats of `generate`, from the call (the tower "
+             f"included) to the first token's logits. Decode: the steps of {st['decode_reps']} repeat(s) that generate "
+             f"{st['new_tokens']} tokens (median ms per step; tok/s = batch / that). With fewer than 4 repeats q1 and q3 are "
+             "the fastest and slowest. `ttft_cpu_s`: the same TTFT in CPU seconds of the process (both threads), with "
+             "`bound_fraction_cpu` and `over_eager_cpu` from it: a thread that another process's work deschedules "
+             "stops the wall clock's meaning, not the CPU time's. Peak memory (`peak_mb`): "
+             f"{reader} above the weights, during a {st['memory_run']}. FLOP bounds: `pruneattn/bench/vlm_flops.py` (matmul FLOPs "
+             "of the prefill / of a decode step, unpatched over the configuration). `same_kept_as_eager`: share of "
+             "pruneattn drop's kept patches that the eager baseline keeps too (same images, same k).\n")
+    extra += _checks_md(res["checks"], args.smoke)
+    if not args.smoke:
+        extra += "\n## Summary of the targets\n\n" + markdown_table(vlm.summary(res["checks"]), ["target", "met", "missed", "met_on_cpu_time", "missed_on_cpu_time"]) + "\n"
+    extra += "\n## Models\n\n" + markdown_table(
+        [{"model": m["model"], **{f"{k}_M": v / 1e6 for k, v in m["parameters"].items()},
+          "placeholders": m["placeholders_per_image"], "text_tokens": m["text_tokens"], "q_scale": m["q_scale"]}
+         for m in res["models"]],
+        ["model", "tower_M", "projector_M", "language_model_M", "total_M", "placeholders", "text_tokens", "q_scale"]) + "\n"
+    md, txt = _section("Vision-language models: unpatched vs pruneattn vs eager baseline", res["environment"], res["rows"],
+                       ["model", "batch", "config", "prompt_tokens_to_lm", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms",
+                        "ttft_speedup", "ttft_flop_bound", "bound_fraction", "over_eager", "ttft_cpu_s",
+                        "bound_fraction_cpu", "over_eager_cpu", "decode_ms_per_step", "decode_tok_s", "decode_speedup",
+                        "decode_flop_bound", "peak_mb", "same_kept_as_eager"],
+                       extra, res["load_average_end"], smoke=args.smoke)
+    print(txt)
+    _write(args.out, "vlm", res, md, vlm.plot)
+    if partial and os.path.exists(partial):
+        os.remove(partial)

@@ -117,20 +117,31 @@ def block_time_bound(unpatched_s: float, shape: dict, config: M.Config, times: d
 def allocator_peak(model: torch.nn.Module, config: M.Config, x: torch.Tensor) -> float:
     """Peak bytes held by torch's CPU allocator during one forward, above what was held before it (MiB).
 
+    A batch-1 forward runs first so that one-time allocations are not counted; see :func:`allocator_peak_of`.
+    """
+    def forward():
+        with torch.no_grad(), M.forward_context(config):
+            return model(x)
+
+    with torch.no_grad(), M.forward_context(config):
+        model(x[:1])
+    return allocator_peak_of(forward)
+
+
+def allocator_peak_of(fn) -> float:
+    """Peak bytes held by torch's CPU allocator while ``fn()`` runs, above what was held before it (MiB).
+
     From ``torch.profiler`` with ``profile_memory=True``: its ``[memory]`` events carry the running
     "Total Allocated"; deterministic (tensor allocations only, no allocator caching or page effects).
-    A batch-1 forward runs first so that one-time allocations are not counted.
     """
     import json
     import tempfile
 
     from pruneattn.bench.quiet import profiler_noise_filtered
 
-    with torch.no_grad(), M.forward_context(config):
-        model(x[:1])
-        with profiler_noise_filtered(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                                profile_memory=True) as prof:
-            model(x)
+    with profiler_noise_filtered(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                            profile_memory=True) as prof:
+        fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)

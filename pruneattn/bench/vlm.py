@@ -518,7 +518,7 @@ def summary(checks_: list[dict]) -> list[dict]:
 
 def plot(rows: list[dict], path: str) -> bool:
     """Left: TTFT speed-up over unpatched per model / batch / token count (pruneattn drop, fuse, eager
-    baseline, FLOP bound of pruneattn drop); right: peak memory of the same, unpatched as a line."""
+    baseline, FLOP bound of pruneattn drop); right: peak memory of the same (log scale), unpatched as a line."""
     try:
         import matplotlib
 
@@ -546,7 +546,8 @@ def plot(rows: list[dict], path: str) -> bool:
     axes[0].set_ylabel("TTFT speed-up over unpatched")
     unp = [(get.get((g[0], g[1], UNPATCHED.name)) or {}).get("peak_mb", 0.0) for g in groups]
     axes[1].scatter(list(xs), unp, marker="_", s=300, color="k", label="unpatched", zorder=3)
-    axes[1].set_ylabel("peak memory (MiB, above the weights)")
+    axes[1].set_ylabel("peak memory (MiB above the weights, log scale)")
+    axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)

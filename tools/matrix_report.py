@@ -68,11 +68,25 @@ def load_average() -> float | None:
         return None
 
 
+def commit() -> str | None:
+    """The repository's commit the suite ran on (with "+changes" when the work tree differed)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def record_row(args: argparse.Namespace) -> None:
     counts, bad = junit_counts(Path(args.junit))
     row = {
         "name": args.name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
         "versions": versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU (kernels in Triton's interpreter)"
         if not _has_cuda() else f"{platform.machine()}, {os.cpu_count()} CPUs, CUDA GPU",
@@ -135,7 +149,7 @@ def table(folder: Path) -> str:
     lines.append("")
     for r in rows:
         load = r["load_average_1min"]
-        line = f"- {r['name']}: {r['machine']}, {r['pytest_workers']} pytest workers"
+        line = f"- {r['name']}: commit {r.get('commit') or 'unknown'}, {r['machine']}, {r['pytest_workers']} pytest workers"
         if load["start"] is not None and load["end"] is not None:
             line += f", 1-minute load average {load['start']:.2f} at start, {load['end']:.2f} at end"
         lines.append(line)

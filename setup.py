@@ -26,13 +26,13 @@ setup(
     ],
     extras_require={
         # tqdm: progress bars of the demo, the training and the benchmarks (they run without them).
-        "models": ["timm>=1.0.23", "transformers>=5.24", "matplotlib", "tqdm"],
+        "models": ["timm>=1.0.31", "transformers>=5.24", "matplotlib", "tqdm"],
         "bench": ["matplotlib", "tqdm"],
         "test": [
             "pytest>=8",
             "pytest-xdist",
             "hypothesis",
-            "timm>=1.0.23",
+            "timm>=1.0.31",
             "transformers>=5.24",
             "open_clip_torch",
             "matplotlib",

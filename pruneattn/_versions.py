@@ -35,7 +35,7 @@ SUPPORTED: tuple[Supported, ...] = (
     Supported("numpy", "1.26", "2.4.6", "Triton's CPU interpreter needs numpy < 2.4 with triton older than "
                                         "3.7.1 (refused at its first use, with the fix); GPU runs take any"),
     Supported("transformers", "5.24", "5.25.0", "Hugging Face models (the `models` and `test` extras)"),
-    Supported("timm", "1.0.23", "1.0.31", "timm models (the `models` and `test` extras)"),
+    Supported("timm", "1.0.31", "1.0.31", "timm models (the `models` and `test` extras); 1.0.30 and older fail the RoPE ViT and EVA tests"),
 )
 
 

@@ -101,6 +101,8 @@ def test_setup_declares_the_tested_floors():
 
 
 def _matrix_rows() -> dict[str, dict]:
+    if os.environ.get("PRUNEATTN_MATRIX_RUN"):
+        pytest.skip("tools/matrix.sh is writing the version-matrix results in this run; checked once committed")
     rows = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in MATRIX.glob("*.json")}
     if not rows:
         pytest.skip("no version-matrix results are committed in benchmarks/results/matrix (tools/matrix.sh writes them)")

@@ -107,6 +107,12 @@ def begin(plan: Plan, record: bool = False) -> ForwardState:
     return state
 
 
+def _exporting() -> bool:
+    """True while ``torch.export`` traces the model. torch 2.11 also reports exporting inside
+    ``torch.compile``'s Dynamo trace, which an export (non-strict, the default) does not run under."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
 def end(state: ForwardState, finished: bool) -> None:
     """Make the previous state current again and leave ``state`` (or a failure marker) as the last call."""
     token = state.token
@@ -114,7 +120,7 @@ def end(state: ForwardState, finished: bool) -> None:
         _TRACED[0] = token[1]
     else:
         _CURRENT.reset(token)
-    if torch.compiler.is_exporting():
+    if _exporting():
         state.plan.last.state = Exported()
     else:
         state.plan.last.state = state if finished else ForwardFailed()

@@ -681,3 +681,34 @@ def test_no_host_read_for_one_prompt_beyond_the_models_own(cpu_backend, monkeypa
         unpatched = list(reads)
     monkeypatch.undo()
     assert len(patched) == len(unpatched), (patched, unpatched)
+
+
+def _features(model, pixels):
+    """What the model's own ``get_image_features`` hands its forward as ``mm_encoder_outputs``."""
+    base = base_of(model)
+    if isinstance(base.config, PaliGemmaConfig):
+        return base.get_image_features(pixels, return_dict=True)
+    return base.get_image_features(pixel_values=pixels, return_dict=True)
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_precomputed_image_features_with_the_processors_prompt(cpu_backend, family):
+    model = llava() if family == "llava" else paligemma()
+    ref = copy.deepcopy(model)
+    pruneattn.patch(model, tokens=5)
+    full, _ = counts(model, 5, "drop")
+    _, ids, mask = caller_prompt([1, 2], full, left=True)
+    pixels = pixels_for(3)
+    with torch.no_grad():
+        expect = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        feats = _features(model, pixels)
+        got = model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": feats}).logits
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+        gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        seq = model.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": _features(model, pixels)}, **gen)
+        assert torch.equal(seq, model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **gen))
+        # Features an unpatched tower computed fill every placeholder: the prompt stays as it is.
+        full_feats = _features(ref, pixels)
+        got = model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": full_feats}).logits
+        torch.testing.assert_close(got, ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -50,9 +50,8 @@ class PromptConfig:
     feature_layer: int | tuple[int, ...] | None  # as configured (a call must not ask for another)
     select_strategy: str | None
 
-    def tokens_per_image(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """(placeholders per image in the caller's prompt, tokens per image after pruning)."""
-        h, w = pixel_values.shape[-2:]
+    def tokens_per_image(self, h: int, w: int) -> tuple[int, int]:
+        """(placeholders per image in the caller's prompt, tokens per image after pruning), for h x w images."""
         patches = (h // self.patch_size) * (w // self.patch_size)
         extra = int(self.class_token) - int(self.drops_first)
         return patches + extra, kept_after(patches, self.amounts) + int(self.fused) + extra
@@ -195,17 +194,42 @@ def _image_mask(base: nn.Module, prompt: PromptConfig, call: dict) -> torch.Tens
     return (embeds == image.to(embeds.dtype)).all(-1)
 
 
+def _image_counts(base: nn.Module, prompt: PromptConfig, call: dict) -> tuple[int, int, int] | None:
+    """(placeholders per image, tokens per image the language model gets, images) of this call, or None
+    where it holds no image. From ``pixel_values``, else from precomputed ``mm_encoder_outputs`` (e.g. the
+    patched model's ``get_image_features``), whose features say how many tokens each image kept."""
+    pixels = call.get("pixel_values")
+    if pixels is not None:
+        full, kept = prompt.tokens_per_image(*pixels.shape[-2:])
+        return full, kept, pixels.shape[0]
+    encoded = call.get("mm_encoder_outputs") or {}
+    image = encoded.get("image") if isinstance(encoded, dict) else None
+    features = getattr(image, "pooler_output", None)
+    if features is None:
+        return None
+    size = base.config.vision_config.image_size
+    full, _ = prompt.tokens_per_image(size, size)
+    if isinstance(features, torch.Tensor):  # (images, tokens, C)
+        return full, features.shape[1], features.shape[0]
+    counts = {f.shape[0] for f in features}  # a list of (tokens, C), one per image
+    if len(counts) != 1:
+        raise ValueError(f"pruneattn: the images of mm_encoder_outputs hold different token counts {sorted(counts)}")
+    return full, counts.pop(), len(features)
+
+
 def _shortening(base: nn.Module, call: dict) -> Shortening | None:
     """The shortening of this call's prompt, or None where there is nothing to shorten."""
     prompt: PromptConfig = base._pruneattn_prompt
-    pixels = call.get("pixel_values")
-    if pixels is None or id(base) in _SHORT.get():
+    if id(base) in _SHORT.get():
         return None
     if call.get("input_ids") is None and call.get("inputs_embeds") is None:
         return None
+    counts = _image_counts(base, prompt, call)
+    if counts is None:
+        return None
     _check_call(prompt, call)
-    full, kept = prompt.tokens_per_image(pixels)
-    if full == kept:
+    full, kept, num_images = counts
+    if full == kept:  # e.g. features an unpatched tower computed: the prompt stays as it is
         return None
     mask = call.get("attention_mask")
     ids = call.get("input_ids")
@@ -217,7 +241,7 @@ def _shortening(base: nn.Module, call: dict) -> Shortening | None:
         )
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError("pruneattn: pass the processor's 2-D attention_mask (batch, tokens), not a prepared 4-D mask")
-    return shorten(_image_mask(base, prompt, call), full, kept, pixels.shape[0], mask)
+    return shorten(_image_mask(base, prompt, call), full, kept, num_images, mask)
 
 
 def shortened_call(base: nn.Module, call: dict, cut: Shortening) -> dict:

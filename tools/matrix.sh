@@ -28,7 +28,7 @@ PYTHON[oldest]=3.11; TORCH[oldest]="torch==2.11.0 torchvision==0.26.0"
 PINS[oldest]="numpy==1.26.4 transformers==5.24.0 timm==1.0.31"
 BROKEN[oldest]="numpy==2.4.6"  # with triton 3.6: the interpreter must refuse it
 PYTHON[readme]=3.11; TORCH[readme]="torch==2.14.1 torchvision==0.29.1"; PINS[readme]=""; BROKEN[readme]=""
-PYTHON[newest]=3.13; TORCH[newest]="torch==2.15.0 torchvision==0.29.2"; PINS[newest]="transformers==5.25.0"; BROKEN[newest]=""
+PYTHON[newest]=3.13; TORCH[newest]="torch==2.15.0 torchvision==0.29.2"; PINS[newest]=""; BROKEN[newest]=""
 
 # A fresh environment takes only the pins above: no site-wide pip constraints file.
 export PIP_CONSTRAINT=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1

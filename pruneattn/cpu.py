@@ -13,6 +13,11 @@ No N x N tensor is built:
   temporary is (g * H, c, N) with c <= ``QUERY_CHUNK`` queries and g <= B images, i.e. at most one
   (B, H, QUERY_CHUNK, N) query chunk, sized to stay in the L2 cache.
 
+Padding masks (``valid``, (B, N) bool): SDPA takes them as a broadcast (B, 1, 1, N) additive key mask;
+padded keys and values are zeroed first, so that whatever they hold cannot reach an output through
+``0 * NaN``; the class row and the column sums mask the padded keys the same way, and the column sums
+take the real queries only.
+
 Every computation is in float32 (float64 for float64 input); scores and head means are returned as
 float32, like every other path.
 
@@ -39,22 +44,32 @@ CHUNK_ELEMENTS = 1 << 19
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def key_bias(valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (B, 1, 1, N) additive key mask of a padding mask: 0 at real keys, -inf at padded ones."""
+    if valid is None:
+        return None
+    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+
+
 def sdpa_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SDPA output (B, H, N, d) and, where the fused CPU kernel provides it, each row's natural-log
-    log-sum-exp (B, H, N); ``None`` in its place otherwise."""
+    log-sum-exp (B, H, N); ``None`` in its place otherwise. Padded keys (``valid`` False) masked."""
+    bias = key_bias(valid, q.dtype)
     if _FLASH_CPU is not None and q.device.type == "cpu":
         try:
-            out, lse = _FLASH_CPU(q, k, v, 0.0, False, scale=scale)
+            out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
             return out, lse
         except (RuntimeError, TypeError, NotImplementedError):  # e.g. a dtype the kernel refuses
             pass
-    return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), None
 
 
-def class_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of query 0 over all keys, (B, H, N), in float32 (float64 for float64 input).
+def class_row(q: torch.Tensor, k: torch.Tensor, scale: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of query 0 over all keys, (B, H, N), in float32 (float64 for float64 input);
+    padded keys (``valid`` False) get weight 0.
 
     One (B, 1, d) @ (B, d, N) bmm per head, or one (H, 1, d) @ (H, d, N) bmm per image when B < H:
     each head's (image's) slice of a strided view (timm's packed qkv) is a valid bmm operand, read in
@@ -70,7 +85,10 @@ def class_row(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     else:
         rows = [torch.bmm(q[:, h, :1].to(acc), k[:, h].transpose(-2, -1).to(acc)) for h in range(H)]
         logits = torch.cat(rows, dim=1)
-    return torch.softmax(logits.mul_(scale), dim=-1)  # (B, H, N)
+    logits.mul_(scale)
+    if valid is not None:
+        logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)  # (B, H, N)
 
 
 def head_statistic(a: torch.Tensor, stat: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +105,9 @@ def head_statistic(a: torch.Tensor, stat: str) -> tuple[torch.Tensor, torch.Tens
     return score, mean.squeeze(1)
 
 
-def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float) -> torch.Tensor:
+def column_mean(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(1/N) * sum_i softmax_j(scale * q_i . k_j)`` as (B, H, N), from the rows' log-sum-exp ``lse``.
 
     Work unit: gb images x nh heads, processed c queries at a time, sized so that the (gb * nh, c, N)
@@ -98,6 +118,11 @@ def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scal
     augmented copies of Q, (gb * nh, N, d + 1), and of K^T, (gb * nh, d + 1, N), are no larger than
     the chunk buffer: the largest temporary is at most one (B, H, c, N) query chunk.
     Without ``lse`` (None) each chunk's rows are softmaxed instead (every chunk holds whole rows).
+
+    With a padding mask ``valid`` (B, N) (and k zeroed at its padded keys) the sums run over the real
+    queries i and are divided by their number: a padded query's row gets logit -inf through its
+    augmented column (its q part zeroed). The columns of padded keys are left as they come (the
+    caller scores them NaN); without ``lse`` they are masked before each chunk's softmax.
     """
     B, H, N, d = q.shape
     acc = compute_dtype(q.dtype)
@@ -131,6 +156,12 @@ def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scal
                 qa_u[..., d] = 0.0
             else:
                 torch.neg(lse[b0:b1, h0:h1], out=qa_u[..., d])
+            if valid is not None:  # padded queries: 0 . k - inf = -inf, whatever q held
+                pad_rows = ~valid[b0:b1, None, :, None]
+                qa_u[..., :d].masked_fill_(pad_rows, 0.0)
+                qa_u[..., d:].masked_fill_(pad_rows, float("-inf"))
+                pad_keys = ~valid[b0:b1, None, None, :].expand(-1, h1 - h0, -1, -1).reshape(m, 1, N)
+                pad_queries = pad_rows.expand(-1, h1 - h0, -1, -1).reshape(m, N, 1)
             ka_flat, qa_flat = ka_u.view(m, d + 1, N), qa_u.view(m, N, d + 1)
             tot = total[b0:b1, h0:h1].view(m, 1, N)
             for s in range(0, N, c):
@@ -138,23 +169,37 @@ def column_mean(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scal
                 e = buf[:m, :n]
                 torch.bmm(qa_flat[:, s : s + n], ka_flat, out=e)
                 if lse is None:
+                    if valid is not None:
+                        e.masked_fill_(pad_keys, float("-inf"))
                     e = torch.softmax(e, dim=-1)
+                    if valid is not None:  # a padded row: all -inf, NaN after the softmax
+                        e.masked_fill_(pad_queries[:, s : s + n], 0.0)
                 else:
                     e.exp_()
                 tot.baddbmm_(ones[:m, :, :n], e)
-    return total.view(B, H, N).div_(N)
+    if valid is None:
+        return total.view(B, H, N).div_(N)
+    real = valid.sum(dim=1).to(acc).view(B, 1, 1)
+    return total.view(B, H, N).div_(real)
 
 
-def suspect_heads(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
+def suspect_heads(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """(M, 2) indices (b, h) of the heads whose SDPA result may differ from the reference's softmax.
 
     With SDPA's log-sum-exp: heads with a row whose log-sum-exp is NaN, infinite or exactly 0 (a
     finite row has 0 only by coincidence; recomputing it then costs time, not correctness). Without
-    it: heads whose q or k holds a non-finite value.
+    it: heads whose q or k holds a non-finite value. Padded rows (``valid`` False) are not looked at.
     """
     if lse is None:
-        bad = ~(torch.isfinite(q).flatten(2).all(dim=-1) & torch.isfinite(k).flatten(2).all(dim=-1))
+        fin_q, fin_k = torch.isfinite(q).all(dim=-1), torch.isfinite(k).all(dim=-1)
+        if valid is not None:
+            fin_q, fin_k = fin_q | ~valid[:, None, :], fin_k | ~valid[:, None, :]
+        bad = ~(fin_q.all(dim=-1) & fin_k.all(dim=-1))
     else:
+        if valid is not None:
+            lse = lse.masked_fill(~valid[:, None, :], 1.0)
         # x * (1 / x) is NaN exactly where x is 0, infinite or NaN (about 1 otherwise, inf for a
         # subnormal x): two element-wise ops and a row sum over (B, H, N), cheaper than a mask of
         # three comparisons and negligible beside the attention.
@@ -164,7 +209,7 @@ def suspect_heads(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None) ->
 
 def recompute_heads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, query: str,
-    heads: torch.Tensor, out: torch.Tensor, received: torch.Tensor,
+    heads: torch.Tensor, out: torch.Tensor, received: torch.Tensor, valid: torch.Tensor | None = None,
 ) -> None:
     """Overwrite ``out`` (B, H, N, d) and ``received`` (B, H, N) at ``heads`` (M, 2) with the
     reference's plain softmax attention, a few heads at a time (each builds an N x N matrix)."""
@@ -173,14 +218,24 @@ def recompute_heads(
     step = max(1, CHUNK_ELEMENTS // (N * N))
     for s in range(0, heads.shape[0], step):
         b, h = heads[s : s + step].unbind(1)
-        logits = q[b, h].to(acc) @ k[b, h].to(acc).transpose(-2, -1)
-        attn = torch.softmax(logits.mul_(scale), dim=-1)  # (m, N, N)
+        logits = (q[b, h].to(acc) @ k[b, h].to(acc).transpose(-2, -1)).mul_(scale)
+        rows = None if valid is None else valid[b]
+        if rows is not None:
+            logits.masked_fill_(~rows[:, None, :], float("-inf"))
+        attn = torch.softmax(logits, dim=-1)  # (m, N, N)
         out[b, h] = (attn @ v[b, h].to(acc)).to(out.dtype)
-        received[b, h] = (attn[:, 0] if query == "cls" else attn.mean(dim=1)).to(received.dtype)
+        if query == "cls":
+            got = attn[:, 0]
+        elif rows is None:
+            got = attn.mean(dim=1)
+        else:
+            got = attn.masked_fill(~rows[:, :, None], 0.0).sum(dim=1) / rows.sum(dim=1, keepdim=True).to(acc)
+        received[b, h] = got.to(received.dtype)
 
 
 def received_from_qk(
-    q: torch.Tensor, k: torch.Tensor, scale: float, query: str, lse: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: float, query: str, lse: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head attention received by each key, (B, H, N), computed from q and k without the N x N
     weights, in float32 (float64 for float64 input). (:func:`reference.received_attention` reads it
@@ -189,23 +244,35 @@ def received_from_qk(
     ``lse``: each row's natural-log log-sum-exp, if known (``query="mean"`` then skips the softmax).
     """
     if query == "cls":
-        return class_row(q, k, scale)
+        return class_row(q, k, scale, valid)
     if q.shape[2] == 1:  # one key: softmax gives exactly 1, exp(logit - SDPA's lse) only to an ulp
         lse = None
-    return column_mean(q, k, lse, scale)
+    return column_mean(q, k, lse, scale, valid)
+
+
+def zero_padding(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, N, d) with the padded tokens' rows zeroed (a copy)."""
+    return t.masked_fill(~valid[:, None, :, None], 0.0)
 
 
 def attention_stats(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stat: str, query: str, num_prefix: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stat: str, query: str, num_prefix: int, scale: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, scores, head_mean) as in :func:`pruneattn.ops.attention_stats`."""
-    out, lse = sdpa_with_lse(q, k, v, scale)
-    heads = suspect_heads(q, k, lse)  # (0, 2) on finite inputs
+    if valid is not None:  # padded keys and values can hold anything (NaN): none of it may reach a result
+        k, v = zero_padding(k, valid), zero_padding(v, valid)
+    out, lse = sdpa_with_lse(q, k, v, scale, valid)
+    heads = suspect_heads(q, k, lse, valid)  # (0, 2) on finite inputs
     # SDPA's half-precision kernel computes its logits differently: its log-sum-exp does not
     # normalize the float32 logits computed here to float32 accuracy; softmax each chunk instead.
     exact_lse = lse if q.dtype in (torch.float32, torch.float64) else None
-    a = received_from_qk(q, k, scale, query, exact_lse)
+    a = received_from_qk(q, k, scale, query, exact_lse, valid)
     if heads.shape[0]:  # non-finite inputs: those heads as the reference computes them
-        recompute_heads(q, k, v, scale, query, heads, out, a)
+        recompute_heads(q, k, v, scale, query, heads, out, a, valid)
     score, mean = head_statistic(a[:, :, num_prefix:], stat)
-    return out, score.float(), mean.float()
+    score, mean = score.float(), mean.float()
+    if valid is not None:
+        pad = ~valid[:, num_prefix:]
+        score, mean = score.masked_fill_(pad, float("nan")), mean.masked_fill_(pad, 0.0)
+    return out, score, mean

@@ -69,6 +69,29 @@ def check_num_prefix(num_prefix: object, num_tokens: int) -> None:
         )
 
 
+def check_valid(valid: object, shape: tuple[int, int], device: torch.device, num_prefix: int) -> None:
+    """Validate a padding mask: a (B, N) bool tensor on ``device``, True at the real tokens.
+
+    On CPU tensors (see :func:`value_checks`) its values are checked too: the prefix tokens must be
+    real and every image must have at least one real token.
+    """
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"valid must be a torch.Tensor (a (B, N) bool padding mask) or None, got {type(valid).__name__}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor (True at real tokens), got {valid.dtype}")
+    if tuple(valid.shape) != tuple(shape):
+        raise ValueError(f"valid must have shape (B, N) = {tuple(shape)}, got {tuple(valid.shape)}")
+    if valid.device != device:
+        raise ValueError(f"valid must be on {device}, got {valid.device}")
+    if value_checks(valid) and valid.numel():
+        if num_prefix and not bool(valid[:, :num_prefix].all()):
+            raise ValueError("valid must be True at the prefix tokens (class, register tokens are never padding)")
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("valid must mark at least one real token in every image")
+
+
 def check_attention_inputs(
     q: object,
     k: object,
@@ -78,6 +101,7 @@ def check_attention_inputs(
     query: str,
     num_prefix: int,
     scale: float | None,
+    valid: object = None,
 ) -> None:
     """Validate the arguments of ``attention_scores``."""
     q, k, v = _tensor("q", q, 4), _tensor("k", k, 4), _tensor("v", v, 4)
@@ -98,6 +122,7 @@ def check_attention_inputs(
     check_num_prefix(num_prefix, q.shape[2])
     if query == "cls" and num_prefix < 1:
         raise ValueError("query='cls' scores by the class token's row: num_prefix must be >= 1")
+    check_valid(valid, (q.shape[0], q.shape[2]), q.device, num_prefix)
     if isinstance(scale, torch.SymFloat) or (scale is not None and torch.compiler.is_compiling()):
         return  # torch.compile(dynamic=True) traces a module's float attribute as symbolic: no value to check
     if scale is not None and (
@@ -137,6 +162,18 @@ def num_kept(num_patches: int, *, keep_rate: float | None = None, k: int | None 
     return kept_of_rate(num_patches, keep_rate)
 
 
+def kept_per_image(
+    valid: torch.Tensor, num_prefix: int, *, keep_rate: float | None = None, k: int | None = None
+) -> list[int]:
+    """Patches kept per image under a padding mask ``valid`` (B, N): ``ceil(keep_rate * P_b)`` (at least
+    1) or ``min(k, P_b)`` of each image's P_b real patches, 0 for an image without any. Reads the mask's
+    row counts back to the host (one sync on a GPU): the output width is the largest of them."""
+    counts = valid[:, num_prefix:].sum(dim=1).tolist()
+    if k is not None:
+        return [min(int(k), c) for c in counts]
+    return [kept_of_rate(c, keep_rate) if c else 0 for c in counts]
+
+
 def kept_of_rate(num_patches: int, keep_rate: float) -> int:
     """``ceil(keep_rate * num_patches)``, at least 1, for a keep rate already checked (no value check, so
     that it traces under ``torch.compile`` where the rate may be symbolic)."""
@@ -160,6 +197,7 @@ def check_select_inputs(
     num_prefix: int,
     mode: str,
     fuse_weights: object,
+    valid: object = None,
 ) -> None:
     """Validate the arguments of ``select_tokens`` (and, on CPU tensors, non-negative fuse weights)."""
     x = _tensor("x", x, 3)
@@ -175,6 +213,7 @@ def check_select_inputs(
     if scores.device != x.device:
         raise ValueError(f"scores must be on x's device {x.device}, got {scores.device}")
     num_kept(num_patches, keep_rate=keep_rate, k=k)
+    check_valid(valid, (x.shape[0], x.shape[1]), x.device, num_prefix)
     check_choice("mode", mode, MODES)
     if mode == "fuse":
         if fuse_weights is None:

@@ -7,6 +7,11 @@ One program per (query block, batch * head), FlashAttention-2 style online softm
 domain. Besides the output it writes, per (batch, head, row), the row's log2-sum-exp, and the
 programs holding query row 0 (the class token) write that row's log2-domain logits for every key.
 No N x N tensor is ever stored: the extra writes are two float32 per (batch, head, token).
+
+With a padding mask (``HAS_MASK``: one int8 per (batch, token), nonzero at real tokens) padded keys
+and values are not loaded (zeros stand in, so whatever they hold never reaches a result) and their
+logits are -inf; every query row, padded ones too, attends over the real keys. A key block with no
+real key leaves the running maximum at -inf, so the exponentials are then taken against 0 instead.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ _CONFIGS = [
 )
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, Out, Lse, ClsLogits,
+    Q, K, V, Out, Lse, ClsLogits, Valid,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -48,6 +53,7 @@ def _attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
     STORE_CLS: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -71,6 +77,8 @@ def _attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(Valid + b * N + offs_n, mask=col_ok, other=0) != 0)
         k = tl.load(
             k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
             mask=col_ok[None, :] & d_ok[:, None], other=0.0,
@@ -83,10 +91,14 @@ def _attention_fwd_kernel(
         if STORE_CLS:
             if pid_m == 0:
                 cls_row = tl.sum(tl.where(offs_m[:, None] == 0, s, 0.0), axis=0)
-                tl.store(ClsLogits + pid_bh * N + offs_n, cls_row, mask=col_ok)
+                tl.store(ClsLogits + pid_bh * N + offs_n, cls_row, mask=offs_n < N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        if HAS_MASK:  # no real key yet: -inf - -inf would be NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -105,23 +117,27 @@ def _attention_fwd_kernel(
 
 
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, store_cls: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, store_cls: bool,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the fused forward on (B, H, N, d) views of any strides.
 
     Returns ``out`` (B, H, N, d) in q's dtype (a view of a (B, N, H, d) buffer, so that merging the
     heads afterwards is free), ``lse`` (B, H, N) float32 log2-sum-exp of each row's log2-domain
-    logits, and, if ``store_cls``, ``cls_logits`` (B, H, N) float32: row 0's log2-domain logits.
+    logits, and, if ``store_cls``, ``cls_logits`` (B, H, N) float32: row 0's log2-domain logits
+    (-inf at padded keys). ``valid``: a (B, N) bool padding mask, or None.
     """
     B, H, N, D = q.shape
     out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     cls_logits = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if store_cls else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    mask = lse if valid is None else valid.to(torch.int8)  # never read without a mask
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, cls_logits if store_cls else lse,
+        q, k, v, out, lse, cls_logits if store_cls else lse, mask,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N, scale * LOG2E,
         DTYPE_KEY=str(q.dtype), HEAD_DIM=D, BLOCK_D=block_d(D), STORE_CLS=store_cls, IEEE=q.dtype == torch.float32,
+        HAS_MASK=valid is not None,
     )
     return out, lse, cls_logits

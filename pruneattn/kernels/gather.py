@@ -1,7 +1,8 @@
 """Gather of the kept tokens and the fused token of the dropped ones, on the device.
 
 ``gather_kept`` copies the prefix tokens and the kept patches (any strides of x) into a new
-contiguous (B, num_prefix + k [+ 1], C) tensor; ``fuse_dropped`` writes the weighted average of the
+contiguous (B, num_prefix + k [+ 1], C) tensor (a kept index -1, padding, gives a zero row);
+``fuse_dropped`` writes the weighted average of the
 dropped patches into its last row, accumulating in float32 (float64 where x or the weights are
 float64). The weights are divided by the largest dropped one before they are summed, so that their
 sum cannot overflow; a NaN or infinite dropped weight makes the fused token NaN, as in the reference.
@@ -31,16 +32,18 @@ def _gather_kernel(
     is_patch = offs_t >= num_prefix
     idx = tl.load(KeptIdx + b * k + (offs_t - num_prefix), mask=t_ok & is_patch, other=0)
     src = tl.where(is_patch, idx + num_prefix, offs_t)
+    real = (idx >= 0) | (offs_t < num_prefix)
     for start_c in range(0, C, BLOCK_C):
         offs_c = start_c + tl.arange(0, BLOCK_C)
         ok = t_ok[:, None] & (offs_c < C)[None, :]
-        row = tl.load(X + b * stride_xb + src[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=ok)
+        row = tl.load(X + b * stride_xb + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                      mask=ok & real[:, None], other=0.0)
         tl.store(Out + b * stride_ob + offs_t[:, None] * stride_on + offs_c[None, :] * stride_oc, row, mask=ok)
 
 
 @triton.jit
 def _dropped_weights(Weights, KeepMask, b, P, start_p, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
-    """One block of an image's weights, zero at the kept patches, and which patches are dropped."""
+    """One block of an image's weights, zero at the kept patches (and padding), and which are dropped."""
     offs_p = start_p + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
     dropped = (tl.load(KeepMask + b * P + offs_p, mask=p_ok, other=1) == 0) & p_ok

@@ -2,7 +2,8 @@
 
 One program per (block of patches, image) holds all H heads of its patches in registers, heads on
 the last axis (padded to a power of two, as ``tl.sort`` needs), and writes two float32 per patch:
-the score and the mean over heads (the fused token's weight).
+the score and the mean over heads (the fused token's weight). With a padding mask a padded patch
+scores NaN and its mean is 0.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ def _median_last(x, H: tl.constexpr, H_PAD: tl.constexpr):
 
 @triton.jit
 def _head_statistic_kernel(
-    Received, ClassLse, Scores, HeadMean,
+    Received, ClassLse, Scores, HeadMean, Valid,
     stride_lb, stride_lh,
     N, P, num_prefix,
     H: tl.constexpr,
     H_PAD: tl.constexpr,
     STAT: tl.constexpr,
     IS_CLS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
@@ -60,17 +62,23 @@ def _head_statistic_kernel(
         score = tl.where(mean == mean, score, mean)  # NaN in a head gives NaN, as torch.quantile does
     else:
         score = mean
+    if HAS_MASK:
+        real = tl.load(Valid + b * N + num_prefix + offs_j, mask=j_ok, other=0) != 0
+        score = tl.where(real, score, float("nan"))
+        mean = tl.where(real, mean, 0.0)
     tl.store(Scores + b * P + offs_j, score, mask=j_ok)
     tl.store(HeadMean + b * P + offs_j, mean, mask=j_ok)
 
 
 def head_statistic(
-    received: torch.Tensor, *, stat: str, num_prefix: int, class_lse: torch.Tensor | None = None
+    received: torch.Tensor, *, stat: str, num_prefix: int, class_lse: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and head-mean attention (both (B, P) float32) from per-head rows (B, H, N) float32.
 
     With ``class_lse`` (B, H) float32, any strides, ``received`` holds the class row's log2-domain
     logits, normalized here with that log2-sum-exp; without it, the attention received per head.
+    ``valid`` (B, N) bool: padded patches score NaN, head mean 0.
     """
     B, H, N = received.shape
     P = N - num_prefix
@@ -80,8 +88,9 @@ def head_statistic(
     block_j = max(16, min(128, next_pow2(P), 2048 // h_pad))
     is_cls = class_lse is not None
     lse = class_lse if is_cls else received  # never read without class_lse
+    mask = scores if valid is None else valid.to(torch.int8)  # never read without a mask
     _head_statistic_kernel[(triton.cdiv(P, block_j), B)](
-        received, lse, scores, head_mean, lse.stride(0), lse.stride(1), N, P, num_prefix,
-        H=H, H_PAD=h_pad, STAT=STAT_CODES[stat], IS_CLS=is_cls, BLOCK_J=block_j,
+        received, lse, scores, head_mean, mask, lse.stride(0), lse.stride(1), N, P, num_prefix,
+        H=H, H_PAD=h_pad, STAT=STAT_CODES[stat], IS_CLS=is_cls, HAS_MASK=valid is not None, BLOCK_J=block_j,
     )
     return scores, head_mean

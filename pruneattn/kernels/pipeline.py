@@ -21,31 +21,36 @@ from pruneattn.kernels.select import select_topk
 
 
 def attention_stats(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stat: str, query: str, num_prefix: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stat: str, query: str, num_prefix: int, scale: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, scores, head_mean) as in :func:`pruneattn.ops.attention_stats`."""
+    """(out, scores, head_mean) as in :func:`pruneattn.ops.attention_stats`. With a padding mask
+    ``valid`` the fused kernel runs (it skips padded keys and values; SDPA would read them)."""
     check_supported(q)
-    if attention_kernel(q, query) == "sdpa":
+    if valid is None and attention_kernel(q, query) == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         logits, lse = class_row(q, k, scale)
         scores, head_mean = head_statistic(logits, stat=stat, num_prefix=num_prefix, class_lse=lse)
         return out, scores, head_mean
     is_cls = query == "cls"
-    out, lse, cls_logits = attention_fwd(q, k, v, scale, store_cls=is_cls)
+    out, lse, cls_logits = attention_fwd(q, k, v, scale, store_cls=is_cls, valid=valid)
     if is_cls:
-        scores, head_mean = head_statistic(cls_logits, stat=stat, num_prefix=num_prefix, class_lse=lse[:, :, 0])
+        scores, head_mean = head_statistic(
+            cls_logits, stat=stat, num_prefix=num_prefix, class_lse=lse[:, :, 0], valid=valid
+        )
     else:
-        received = column_mean(q, k, lse, scale)
-        scores, head_mean = head_statistic(received, stat=stat, num_prefix=num_prefix)
+        received = column_mean(q, k, lse, scale, valid)
+        scores, head_mean = head_statistic(received, stat=stat, num_prefix=num_prefix, valid=valid)
     return out, scores, head_mean
 
 
 def select_k(
-    x: torch.Tensor, scores: torch.Tensor, k: int, num_prefix: int, fuse_weights: torch.Tensor | None
+    x: torch.Tensor, scores: torch.Tensor, k: int, num_prefix: int, fuse_weights: torch.Tensor | None,
+    valid: torch.Tensor | None = None, per_image: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, kept_idx) as :func:`pruneattn.reference.select_k`, on the device."""
     check_device(x)
-    kept_idx, keep_mask = select_topk(scores, k)
+    kept_idx, keep_mask = select_topk(scores, k, valid, per_image, num_prefix)
     kept = gather_kept(x, kept_idx, num_prefix, extra_rows=int(fuse_weights is not None))
     if fuse_weights is not None:
         fuse_dropped(x, fuse_weights, keep_mask, num_prefix, kept)

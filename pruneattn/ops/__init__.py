@@ -6,7 +6,7 @@ break), whose implementation is the one :func:`pruneattn.backend.implementation`
 from __future__ import annotations
 
 from pruneattn.ops.attention_stats import AttentionStats, attention_scores, attention_stats
-from pruneattn.ops.select_tokens import select_tokens
+from pruneattn.ops.select_tokens import select_per_image, select_tokens, valid_after
 from pruneattn.ops.split_qkv import split_qkv
 
-__all__ = ["AttentionStats", "attention_stats", "attention_scores", "select_tokens", "split_qkv"]
+__all__ = ["AttentionStats", "attention_stats", "attention_scores", "select_per_image", "select_tokens", "split_qkv", "valid_after"]

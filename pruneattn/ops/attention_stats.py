@@ -35,16 +35,18 @@ def _bnhd(out: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("pruneattn::attention_stats", mutates_args=())
 def _attention_stats_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     run = implementation("attention_stats", q.device)
-    out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid)
     return _bnhd(out), scores, head_mean
 
 
 @_attention_stats_op.register_fake
 def _(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     out = q.new_empty((B, N, H, D)).transpose(1, 2)
@@ -52,18 +54,25 @@ def _(
     return out, scores, torch.empty_like(scores)
 
 
+def _key_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """SDPA's (B, 1, 1, N) boolean key mask of a padding mask (broadcast: nothing N x N)."""
+    return None if valid is None else valid[:, None, None, :]
+
+
 def _sdpa_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of SDPA(q, k, v) by recomputing it with autograd on (PyTorch's fused backward)."""
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qd, kd, vd, scale=scale)
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=_key_mask(valid), scale=scale)
         return torch.autograd.grad(out, (qd, kd, vd), grad_out)
 
 
 def _differentiable_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients that are themselves differentiable (``create_graph=True``: double backward).
 
@@ -73,27 +82,29 @@ def _differentiable_backward(
     """
     ins = [t if t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v)]
     acc = reference.compute_dtype(q.dtype)
-    attn = torch.softmax((ins[0].to(acc) @ ins[1].to(acc).transpose(-2, -1)) * scale, dim=-1)
-    out = (attn @ ins[2].to(acc)).to(q.dtype)
+    logits = (ins[0].to(acc) @ ins[1].to(acc).transpose(-2, -1)) * scale
+    if valid is not None:
+        logits = logits.masked_fill(~_key_mask(valid), float("-inf"))
+    out = (torch.softmax(logits, dim=-1) @ ins[2].to(acc)).to(q.dtype)
     return torch.autograd.grad(out, ins, grad_out, create_graph=True)
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, _stat, _query, _num_prefix, scale = inputs
+    q, k, v, _stat, _query, _num_prefix, scale, valid = inputs
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(q, k, v)
+    ctx.save_for_backward(q, k, v, valid)
     ctx.scale = scale
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor | None, _grad_scores: Any, _grad_head_mean: Any) -> tuple:
-    q, k, v = ctx.saved_tensors
+    q, k, v, valid = ctx.saved_tensors
     if grad_out is None:
-        return (None,) * 7
+        return (None,) * 8
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradient needs a graph itself
-        dq, dk, dv = _differentiable_backward(grad_out, q, k, v, ctx.scale)
+        dq, dk, dv = _differentiable_backward(grad_out, q, k, v, ctx.scale, valid)
     else:
-        dq, dk, dv = _sdpa_backward(grad_out, q, k, v, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _sdpa_backward(grad_out, q, k, v, ctx.scale, valid)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_stats_op.register_autograd(_backward, setup_context=_setup)
@@ -108,15 +119,16 @@ def attention_stats(
     query: str = "cls",
     num_prefix: int = 1,
     scale: float | None = None,
+    valid: torch.Tensor | None = None,
 ) -> AttentionStats:
     """Attention output, patch scores and head-mean received attention (the fuse weights).
 
     Like :func:`attention_scores`, plus ``head_mean`` (B, N - num_prefix) float32: the received
-    attention of each patch averaged over heads (the class token's for ``query="cls"``).
+    attention of each patch averaged over heads (the class token's for ``query="cls"``); 0 at padding.
     """
-    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return AttentionStats(*torch.ops.pruneattn.attention_stats(q, k, v, stat, query, num_prefix, scale))
+    return AttentionStats(*torch.ops.pruneattn.attention_stats(q, k, v, stat, query, num_prefix, scale, valid))
 
 
 def attention_scores(
@@ -128,6 +140,7 @@ def attention_scores(
     query: str = "cls",
     num_prefix: int = 1,
     scale: float | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q, k, v (B, H, N, d) and the per-patch attention-diversity scores.
 
@@ -140,11 +153,16 @@ def attention_scores(
             over all queries.
         num_prefix: leading tokens (class, distillation, registers) that get no score.
         scale: logit scale, ``d ** -0.5`` by default.
+        valid: padding mask (B, N) bool, True at the real tokens (images of different sizes padded to
+            one length). Padded keys get no attention and their values never reach an output; every
+            row, padded ones too, attends over the real keys; ``query="mean"`` averages over the real
+            queries; padded patches score NaN (never kept by :func:`pruneattn.select_tokens` given
+            the same mask). The prefix tokens must be real. Nothing N x N is built for it.
 
     Returns:
         ``out`` (B, H, N, d) in q's dtype and ``scores`` (B, N - num_prefix) float32, whatever the
         input dtype. Only ``out`` carries a gradient. NaN in the inputs gives NaN in both
         outputs, which :func:`pruneattn.select_tokens` then rejects.
     """
-    res = attention_stats(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale)
+    res = attention_stats(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid)
     return res.out, res.scores

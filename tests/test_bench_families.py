@@ -31,6 +31,33 @@ def test_flop_count_matches_torch_flop_counter(name, img_size):
     assert fc.get_total_flops() == 2 * M.model_flops(shape, M.UNPATCHED)
 
 
+@pytest.mark.parametrize("name", ["hf:dinov3_vits16", "hf:siglip2_b16_naflex"])
+def test_flop_count_of_registers_rotary_and_padded_batches(name):
+    """DINOv3 (4 registers, rotary) and SigLIP2 NaFlex (a padded batch of images of different sizes): the
+    unpatched count equals torch's FlopCounterMode; the pruned schedule is as wide as the image that keeps
+    most, each image keeping ceil(0.7 * its own real patches)."""
+    model = _eager(M.build(name, M.UNPATCHED, img_size=64))
+    model.use_head = False  # SigLIP2's attention-pooling head (one query) is left out of the count
+    shape = M.model_shape(model)
+    x = M.inputs(name, 3, 64)
+    shape["lengths"] = M.lengths_of(x)
+    assert shape["num_patches"] == 16 and shape["num_prefix"] == (5 if "dinov3" in name else 0)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(*x)
+    # SigLIP2 resizes its position embeddings per image with a small matmul (not counted either)
+    resize = sum(fc.get_flop_counts().get(f"{type(model).__name__}.embeddings", {}).get(op, 0)
+                 for op in (torch.ops.aten.mm,))
+    assert fc.get_total_flops() - resize == 3 * M.model_flops(shape, M.UNPATCHED)
+    config = M.pruned("var", 0.7, layers=(1, 2))
+    patched = M.build(name, config, img_size=64)
+    M.check_tokens(patched, config, shape, x)  # raises unless the model runs the counted schedule
+    if shape["lengths"]:
+        real = shape["lengths"]
+        assert len(set(real)) > 1  # images of different sizes
+        widths = [m for _, m in M.token_schedule(shape, config)]
+        assert widths[1] == max(max(1, -(-7 * p // 10)) for p in real)
+
+
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "vit_small_patch16_rope_224", "hf:clip_vit_b16"])
 def test_block_halves_are_the_first_block(name):
     """The halves the block-time bound times compose to the model's own first block."""

@@ -2,6 +2,8 @@
 
     pruneattn bench --cpu-ops            CPU path vs SDPA alone vs eager attention, with the speed targets
     pruneattn bench --cpu-models         DeiT-S / ViT-S-384 on the CPU, with the speed targets
+    pruneattn bench --cpu-families       DINOv3-S/16 and SigLIP2-B/16 NaFlex (a batch of images of
+                                         different sizes) on the CPU, with the same targets
     pruneattn bench --ops                op-level suite (GPU: bf16 + fp16, all standard shapes)
     pruneattn bench --models             model-level suite (GPU: DeiT-T/S/B 224, ViT-B/16 384)
     pruneattn bench --vlm                LLaVA-1.5- and PaliGemma-224-shaped models: time to first token,
@@ -25,7 +27,7 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("cpu-ops", "cpu-models", "ops", "models", "vlm")
+_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
@@ -130,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                            res["load_average_end"], smoke=args.smoke)
         print(txt)
         _write(args.out, "cpu_ops", res, md, plot)
-    if "cpu-models" in chosen:
+    for suite, stem in (("cpu-models", "cpu_models"), ("cpu-families", "cpu_families")):
+        if suite not in chosen:
+            continue
         from pruneattn.bench import models_cpu
 
-        res = models_cpu.run_models_cpu(models_cpu.SMOKE_CASES if args.smoke else models_cpu.CASES,
-                                        reps=args.reps or 9, smoke=args.smoke, threads=args.threads,
+        cases = {"cpu-models": (models_cpu.SMOKE_CASES, models_cpu.CASES),
+                 "cpu-families": (models_cpu.FAMILY_SMOKE_CASES, models_cpu.FAMILY_CASES)}[suite][0 if args.smoke else 1]
+        res = models_cpu.run_models_cpu(cases, reps=args.reps or 9, smoke=args.smoke, threads=args.threads,
                                         memory=not (args.no_memory or args.smoke), progress=progress)
         if args.smoke:
             _mark_smoke(res)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                             "bound_fraction", "block_time_bound", "over_evit", "alloc_peak_mb", "forward_peak_mb"], _checks_md(res["checks"], args.smoke),
                            res["load_average_end"], smoke=args.smoke)
         print(txt)
-        _write(args.out, "cpu_models", res, md, models_cpu.plot)
+        _write(args.out, stem, res, md, models_cpu.plot)
     if "ops" in chosen:
         from pruneattn.bench import ops_suite
 

@@ -34,6 +34,10 @@ CASES = (
     ("hf:clip_vit_b16", 224, (8,)),
 )
 SMOKE_CASES = (("deit_tiny_patch16_224", 64, (2,)),)
+# Families of the modern encoders: DINOv3-S/16 (4 registers, rotary) and SigLIP2-B/16 fed a padded batch
+# of 8 images of different sizes (up to 256 patches; see models.NAFLEX_GRIDS).
+FAMILY_CASES = (("hf:dinov3_vits16", 224, (16,)), ("hf:siglip2_b16_naflex", 256, (8,)))
+FAMILY_SMOKE_CASES = (("hf:siglip2_b16_naflex", 64, (3,)),)
 CONFIGS = (M.UNPATCHED, M.pruned("var", 0.7), M.evit_style("var", 0.7))
 TARGETS = {"bound_fraction": 0.95, "over_evit": 1.15, "batch1_deit_s": 1.3, "deit_s_b16": 1.4}
 
@@ -65,9 +69,9 @@ def _child(args: dict) -> dict:
     torch.set_num_threads(args["threads"])
     cfg = M.Config(**{**args["config"], "layers": tuple(args["config"]["layers"])})
     model = M.build(args["model"], cfg, img_size=args["img_size"])
-    x = M.images(args["batch"], args["img_size"])
+    x = M.inputs(args["model"], args["batch"], args["img_size"])
     with torch.no_grad(), M.forward_context(cfg):  # one-time costs (lazy imports: torch._dynamo ...) first
-        model(x[:1])
+        model(*M.first(x))
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
@@ -78,7 +82,7 @@ def _child(args: dict) -> dict:
     before = _status_kb("VmRSS")
     with torch.no_grad(), M.forward_context(cfg):
         for _ in range(args["runs"]):
-            model(x)
+            model(*x)
     hwm = _status_kb("VmHWM") if method.startswith("VmHWM") else None
     if hwm is None or before is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -114,17 +118,17 @@ def block_time_bound(unpatched_s: float, shape: dict, config: M.Config, times: d
     return unpatched_s / (unpatched_s - full + pruned)
 
 
-def allocator_peak(model: torch.nn.Module, config: M.Config, x: torch.Tensor) -> float:
+def allocator_peak(model: torch.nn.Module, config: M.Config, x: tuple) -> float:
     """Peak bytes held by torch's CPU allocator during one forward, above what was held before it (MiB).
 
     A batch-1 forward runs first so that one-time allocations are not counted; see :func:`allocator_peak_of`.
     """
     def forward():
         with torch.no_grad(), M.forward_context(config):
-            return model(x)
+            return model(*x)
 
     with torch.no_grad(), M.forward_context(config):
-        model(x[:1])
+        model(*M.first(x))
     return allocator_peak_of(forward)
 
 
@@ -179,7 +183,8 @@ def run_models_cpu(cases=CASES, configs=CONFIGS, *, reps: int = 9, smoke: bool =
         base = t[M.UNPATCHED.name]["median_s"]
         evit = next((t[c.name]["median_s"] for c in configs if c.eager), None)
         patched = next((c for c in configs if c.patched), None)
-        btimes = block_times(built[M.UNPATCHED.name], shape, patched, batch, 1 if smoke else reps) if patched else {}
+        halves = patched is not None and M.has_block_halves(built[M.UNPATCHED.name])
+        btimes = block_times(built[M.UNPATCHED.name], shape, patched, batch, 1 if smoke else reps) if halves else {}
         for c in configs:
             s = t[c.name]["median_s"]
             bound = M.flop_bound(shape, c)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pruneattn.patch import registry
+from pruneattn.patch.positions import compose
 from pruneattn.patch.state import BlockConfig, Exported, ForwardFailed, Plan, ScoreHook
 from pruneattn.patch.swap import is_swapped, original_class, restore, swap
 from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate, kept_of_rate
@@ -149,10 +150,11 @@ class EncoderPatch:
         reader, fused = adapter.reader(self.family), False
         for layer, amount in zip(self.layers, self.amounts):
             block = self.blocks[layer]
-            swap(block, adapter.pruned_block(self.shapes[layer]))
+            swap(block, adapter.pruned_block(self.shapes[layer], self.family))
             block._pruneattn = BlockConfig(
                 layer, amount.keep_rate, self.stat, self.query, self.mode, num_prefix, fused_in=fused, plan=plan,
                 shape=self.shapes[layer], reader=reader, score_hook=self.score_hook, tokens=amount.tokens,
+                padded=self.family.padding is not None,
             )
             fused = fused or (self.mode == "fuse" and amount.selects)
         adapter.attach(self.family, self.encoder, plan)
@@ -320,5 +322,5 @@ def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
     prev = state.origin
     for layer in sorted(state.kept):
         idx = state.kept[layer]
-        out[layer] = prev = idx if prev is None else prev.gather(1, idx)
+        out[layer] = prev = compose(prev, idx)
     return out

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pruneattn.patch.prune import attention, check_traceable, prune_tokens
+from pruneattn.patch.prune import attention, check_traceable, prune_padded, prune_tokens
 from pruneattn.patch.state import BlockConfig
 from pruneattn.patch.swap import Swapped
 
@@ -93,12 +93,24 @@ def check_no_mask(args: tuple, kwargs: dict) -> None:
         raise ValueError("pruneattn: patched blocks take no attention mask (attn_mask / attention_mask / is_causal)")
 
 
+def padding_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The (B, N) padding mask behind the attention mask a padded encoder's layer is given (its first
+    argument after the tokens, or ``attention_mask`` / ``attn_mask``): a broadcast key mask (B, 1, 1 or N, N), additive
+    (0 at real keys) or boolean (True at real keys); None if there is none."""
+    mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
+    if mask is None:
+        return None
+    row = mask[:, 0, 0, :]
+    return row if row.dtype == torch.bool else row == 0
+
+
 def attend(
-    cfg: BlockConfig, reader: AttentionReader, attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None
+    cfg: BlockConfig, reader: AttentionReader, attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
+    valid: torch.Tensor | None = None,
 ):
     """The attention module's output for ``x`` computed by the scoring attention, and the stats
     (without the attention output, which must not outlive the projection: peak memory)."""
-    stats = attention(cfg, *reader.heads(attn, x, rope), reader.scale(attn))
+    stats = attention(cfg, *reader.heads(attn, x, rope), reader.scale(attn), valid)
     return reader.project(attn, stats.out, x), stats._replace(out=None)
 
 
@@ -112,12 +124,19 @@ class PrunedSequential(Swapped):
         **kwargs,
     ) -> torch.Tensor:
         check_traceable(x)
-        check_no_mask(args, kwargs)
         cfg = self._pruneattn
+        valid = None
+        if cfg.padded:
+            valid = padding_of(args, kwargs)
+        else:
+            check_no_mask(args, kwargs)
         rope = position_embeddings if rope is None else rope  # timm's rotary table, or Hugging Face's (cos, sin)
         a, m = cfg.shape.attention, cfg.shape.mlp
         h = x if a.norm is None else part(self, a.norm)(x)
-        y, stats = attend(cfg, cfg.reader, part(self, a.module), h, rope)
-        x = prune_tokens(cfg, x + apply_after(self, a.after, y), stats)
+        y, stats = attend(cfg, cfg.reader, part(self, a.module), h, rope, valid)
+        if valid is None:
+            x = prune_tokens(cfg, x + apply_after(self, a.after, y), stats)
+        else:
+            x, _ = prune_padded(cfg, x + apply_after(self, a.after, y), stats, valid)
         h = x if m.norm is None else part(self, m.norm)(x)
         return x + apply_after(self, m.after, part(self, m.module)(h))

@@ -10,9 +10,16 @@ each of its forward calls has its own pruning state. Hidden states recorded with
 ``output_hidden_states`` have the pruned token counts (see ``pruneattn.kept_indices`` for where the tokens
 sit); ``output_attentions`` records None for patched layers (no attention matrix is formed), so the
 tuple still has one entry per layer.
+
+Padded encoders (SigLIP2 NaFlex, the Idefics3 / SmolVLM towers: images of different sizes in one
+batch, their patches padded to one length and marked by a padding mask): the mask the caller passes
+becomes the forward call's padding mask. Every layer is handed it as a broadcast (B, 1, 1, N) key mask
+(nothing N x N), rebuilt after each pruning block for the tokens that remain, and so is the pooling
+head; the pruning blocks score, select and pad per image (:func:`pruneattn.patch.prune.prune_padded`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +96,61 @@ def _begin_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     state = begin(encoder._pruneattn_plan)
     # Whether this call's caller passed an attention mask (anything positional after pixel_values counts).
     state.caller_mask = len(args) > 1 or kwargs.get("attention_mask") is not None
+
+
+def _begin_padded_call(padding: str, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Open a padded encoder's call: its padding mask (the second argument, or ``padding`` by name),
+    (B, N) or a (B, h, w) grid of patches, becomes the call's (B, N) bool mask."""
+    state = begin(encoder._pruneattn_plan)
+    mask = args[1] if len(args) > 1 else kwargs.get(padding)
+    state.valid = None if mask is None else mask.flatten(1).bool()
+
+
+def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, 1, N) additive key mask of a (B, N) padding mask: 0 at real keys, the dtype's lowest
+    number at padded ones (what transformers' eager and SDPA attention add to their logits)."""
+    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+
+
+class TakesCallMask(Swapped):
+    """Swapped into every layer of a padded encoder: the attention mask it is given is the running
+    call's padding mask of the tokens it receives (fewer after a pruning block). Replaced in
+    ``__call__``, before transformers' activation checkpointing wraps the forward, so that a recompute
+    gets the same mask."""
+
+    keeps_name = True
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        state = current(self._pruneattn_plan)
+        if state is not None and state.valid is not None:
+            mask = key_mask(state.valid, hidden_states.dtype)
+            if args:
+                args = (mask, *args[1:])
+            else:
+                kwargs["attention_mask"] = mask
+        return super().__call__(hidden_states, *args, **kwargs)
+
+
+class PrunedPadded(TakesCallMask, PrunedSequential):
+    """A pruning layer of a padded encoder."""
+
+    keeps_name = False
+
+
+def _pool_mask(head: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a padded encoder's pooling head: it pools the tokens that remain, so it gets
+    their padding mask instead of the input's."""
+    state = current(head._pruneattn_plan)
+    if state is None or state.valid is None:
+        return None
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    if mask is None:
+        return None
+    valid = state.valid.to(mask.dtype)
+    if len(args) > 1:
+        return (args[0], valid, *args[2:]), kwargs
+    return args, {**kwargs, "attention_mask": valid}
 
 
 def _masked_patches(embeddings: nn.Module, args: tuple, output: object) -> None:
@@ -191,20 +253,30 @@ class HFAdapter:
     def reader(self, family: Family) -> HFReader:
         return HFReader(family.attention)
 
-    def pruned_block(self, shape: BlockShape) -> type:
-        return PrunedSequential
+    def pruned_block(self, shape: BlockShape, family: Family) -> type:
+        return PrunedSequential if family.padding is None else PrunedPadded
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Forward hooks open and close each call's state: swapping the class of a transformers model
         would change the class name that transformers keys its output recording (and saved configs) on."""
         encoder._pruneattn_plan = plan
+        begin_call = _begin_call if family.padding is None else functools.partial(_begin_padded_call, family.padding)
         encoder._pruneattn_hooks = (
-            encoder.register_forward_pre_hook(_begin_call, with_kwargs=True),
+            encoder.register_forward_pre_hook(begin_call, with_kwargs=True),
             encoder.register_forward_hook(_end_call, with_kwargs=True, always_call=True),
         )
         for block in blocks_of(family, encoder):  # the later unpatched layers too: they see fewer tokens
             block._pruneattn_plan = plan
-            block._pruneattn_hooks = (block.register_forward_pre_hook(_drop_own_mask, with_kwargs=True),)
+            if family.padding is not None:
+                if not isinstance(block, PrunedPadded):
+                    swap(block, TakesCallMask)
+            else:
+                block._pruneattn_hooks = (block.register_forward_pre_hook(_drop_own_mask, with_kwargs=True),)
+        if family.pool_mask is not None:
+            head = attribute(encoder, family.pool_mask)
+            if head is not None:
+                head._pruneattn_plan = plan
+                head._pruneattn_hooks = (head.register_forward_pre_hook(_pool_mask, with_kwargs=True),)
         if family.rotary:
             _follow_kept_patches(family, encoder, plan)
         if family.masking is not None:

@@ -97,7 +97,7 @@ class OpenClipAdapter:
     def reader(self, family: Family) -> MultiheadReader:
         return READER
 
-    def pruned_block(self, shape: BlockShape) -> type:
+    def pruned_block(self, shape: BlockShape, family: Family) -> type:
         return PrunedSequential
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:

@@ -17,8 +17,11 @@ import torch
 
 
 def compose(pos: torch.Tensor | None, kept_idx: torch.Tensor) -> torch.Tensor:
-    """Grid positions of the patches kept by a block whose ``kept_idx`` (B, k) indexes ``pos``."""
-    return kept_idx if pos is None else pos.gather(1, kept_idx)
+    """Grid positions of the patches kept by a block whose ``kept_idx`` (B, k) indexes ``pos``; -1
+    (a padding slot, padded encoders) stays -1."""
+    if pos is None:
+        return kept_idx
+    return pos.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, -1)
 
 
 def rotary_table(table: torch.Tensor, pos: torch.Tensor | None, fused: bool) -> torch.Tensor:
@@ -36,6 +39,7 @@ def rotary_table(table: torch.Tensor, pos: torch.Tensor | None, fused: bool) -> 
         table = table[None]
     table = table.expand(B, -1, -1, -1)
     X, D = table.shape[1], table.shape[-1]
+    pos = pos.clamp(min=0)  # a padding slot (-1, padded encoders) takes any row: it is never attended to
     out = table.gather(2, pos[:, None, :, None].expand(B, X, Pk, D))
     if fused:
         identity = torch.cat([out.new_zeros(D // 2), out.new_ones(D - D // 2)])

@@ -16,13 +16,18 @@ Fused token across several pruning blocks (``mode="fuse"``):
   given ``tokens`` always runs selection, as one with a keep rate below 1 does.
 - A block with keep rate 1.0 drops nothing and passes every token through unchanged (no fused token
   is created there, an existing one is carried as is), so ``keep_rate=1.0`` reproduces the model.
+
+Padded encoders (images of different sizes in one batch, :func:`prune_padded`): the block's padding
+mask goes into the attention; image b keeps k_b = ceil(rate * P_b) of its P_b real patches
+(``tokens=k``: min(k, P_b)); the batch is as wide as the largest k_b, shorter images padded, and the
+mask after the block marks what is real. Kept indices hold -1 at padding slots.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from pruneattn.ops import AttentionStats, attention_stats, select_tokens
+from pruneattn.ops import AttentionStats, attention_stats, select_per_image, select_tokens, valid_after
 from pruneattn.patch.state import BlockConfig, current
 from pruneattn.validate import kept_of_rate
 
@@ -50,13 +55,66 @@ def kept_count(cfg: BlockConfig, num_patches: int) -> int:
     return cfg.tokens
 
 
-def attention(cfg: BlockConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> AttentionStats:
-    """Attention output (B, H, N, d) and the scores of every token after the prefix (fused one included)."""
+def attention(
+    cfg: BlockConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    valid: torch.Tensor | None = None,
+) -> AttentionStats:
+    """Attention output (B, H, N, d) and the scores of every token after the prefix (fused one included);
+    ``valid``: the (B, N) padding mask of a padded encoder, or None."""
     if q.shape[0] == 0:  # an empty batch: nothing to score, shapes as for any batch
         B, H, N, _ = q.shape
         empty = q.new_empty((B, N - cfg.num_prefix), dtype=torch.float32)
         return AttentionStats(F.scaled_dot_product_attention(q, k, v, scale=scale), empty, empty)
-    return attention_stats(q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale)
+    return attention_stats(
+        q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale, valid=valid
+    )
+
+
+def _scores(cfg: BlockConfig, stats: AttentionStats, B: int, P: int) -> torch.Tensor:
+    """The block's patch scores (B, P), through the score hook if one is set."""
+    scores = stats.scores[:, :P]
+    if cfg.score_hook is not None:
+        scores = cfg.score_hook(cfg.layer, scores)
+        if not isinstance(scores, torch.Tensor) or scores.shape != (B, P):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"pruneattn: score_hook must return a ({B}, {P}) tensor for block {cfg.layer}, got {got}")
+    if cfg.fused_in:
+        # The old fused token (last) competes with score -inf. NaN scores rank as -inf too and ties
+        # go to the lower index, so it loses to every patch, NaN ones included: always dropped, and
+        # merged into the new fused token with its own attention weight.
+        scores = torch.cat([scores, scores.new_full((B, 1), float("-inf"))], dim=1)
+    return scores.float()
+
+
+def prune_padded(
+    cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prune_tokens` for a padded batch: ``valid`` (B, N) marks the real tokens of ``x``.
+    Returns the kept tokens and their padding mask, which also becomes the running call's."""
+    state = current(cfg.plan)
+    if state is not None and state.record:
+        state.before_selection[cfg.layer] = x
+    B, N, _ = x.shape
+    p = cfg.num_prefix
+    P = N - p - int(cfg.fused_in)
+    real = valid[:, p : p + P]
+    if not cfg.selects or B == 0:
+        kept_idx = torch.arange(P, device=x.device).expand(B, P).masked_fill(~real, -1)
+    else:
+        counts = real.sum(dim=1).tolist()  # one host read per pruning block
+        if cfg.tokens is None:
+            counts = [kept_of_rate(c, cfg.keep_rate) if c else 0 for c in counts]
+        else:
+            counts = [min(cfg.tokens, c) for c in counts]
+        fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
+        x, kept_idx = select_per_image(
+            x, _scores(cfg, stats, B, P), counts, num_prefix=p, fuse_weights=fuse_weights, valid=valid
+        )
+        valid = valid_after(valid, kept_idx, p, fused=cfg.mode == "fuse")
+    if state is not None:
+        state.kept[cfg.layer] = kept_idx
+        state.valid = valid
+    return x, valid
 
 
 def prune_tokens(cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats) -> torch.Tensor:
@@ -72,25 +130,14 @@ def prune_tokens(cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats) -> to
             state.kept[cfg.layer] = torch.arange(P, device=x.device).expand(B, P)
         return x
     k = kept_count(cfg, P)
-    scores = stats.scores[:, :P]
-    if cfg.score_hook is not None:
-        scores = cfg.score_hook(cfg.layer, scores)
-        if not isinstance(scores, torch.Tensor) or scores.shape != (B, P):
-            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"pruneattn: score_hook must return a ({B}, {P}) tensor for block {cfg.layer}, got {got}")
     if B == 0:
         kept_idx = torch.empty((0, k), dtype=torch.int64, device=x.device)
         kept = x[:, : cfg.num_prefix + k + int(cfg.mode == "fuse")]
     else:
-        if cfg.fused_in:
-            # The old fused token (last) competes with score -inf. NaN scores rank as -inf too and ties
-            # go to the lower index, so it loses to every patch, NaN ones included: always dropped, and
-            # merged into the new fused token with its own attention weight.
-            scores = torch.cat([scores, scores.new_full((B, 1), float("-inf"))], dim=1)
         fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
         # No value is read back (no sync): NaN scores follow the ranking rule on every device.
         kept, kept_idx = select_tokens(
-            x, scores.float(), k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=fuse_weights
+            x, _scores(cfg, stats, B, P), k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=fuse_weights
         )
     if state is not None:
         state.kept[cfg.layer] = kept_idx

@@ -52,6 +52,8 @@ class Family:
     rotary: bool = False  # rotary tables follow the kept patches (timm ``Eva``, Hugging Face DINOv3)
     attention: HFAttention | None = None  # Hugging Face attention names; None: timm's modules
     masking: str | None = None  # attribute path of an embedding that drops patches at random (ViT-MAE)
+    padding: str | None = None  # the encoder's forward argument (second) holding a padding mask of its patches
+    pool_mask: str | None = None  # attribute path of a pooling head that takes (tokens, padding mask)
 
 
 def attribute(obj: object, path: str) -> object:
@@ -86,8 +88,8 @@ class Adapter(Protocol):
 
     def reader(self, family: Family) -> AttentionReader: ...
 
-    def pruned_block(self, shape: BlockShape) -> type:
-        """The mixin swapped into blocks of this shape."""
+    def pruned_block(self, shape: BlockShape, family: Family) -> type:
+        """The mixin swapped into blocks of this shape of ``family``."""
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Make each forward call of ``encoder`` open a state of its own (:mod:`pruneattn.patch.state`);
@@ -126,6 +128,15 @@ FAMILIES: tuple[Family, ...] = (
         "layer scale, q/k norm, registers",
         (Sequential("EvaBlock", _EVA_PRE, _EVA_MLP), Sequential("EvaBlockPostNorm", _POST, _POST_MLP)),
         layers="blocks", prefix=0, prefix_from="num_prefix_tokens", class_token=None, rotary=True,
+    ),
+    Family(
+        "timm NaFlexVit", "timm", ("NaFlexVit",),
+        "naflexvit_* (images of different sizes in one batch: `patch_valid`, k per image; fixed-size images too; "
+        "axial and mixed rotary embedding follow the kept patches; average, max or attention pooling of the kept "
+        "tokens)",
+        (Sequential("Block", _TIMM_PRE, _TIMM_MLP), Sequential("EvaBlock", _EVA_PRE, _EVA_MLP)),
+        layers="blocks", prefix=0, prefix_from="num_prefix_tokens", class_token=None, rotary=True,
+        padding="patch_valid",
     ),
     Family(
         "Hugging Face ViT", "transformers", ("ViTModel", "ViTForImageClassification"),
@@ -246,6 +257,22 @@ FAMILIES: tuple[Family, ...] = (
         attention=HFAttention(out="projection_layer", scale="scale", dropout="attention_dropout",
                               qk_norm=("q_norm", "k_norm"), out_dropout="projection_dropout"),
     ),
+    Family(
+        "Hugging Face SigLIP2 vision (NaFlex)", "transformers", ("Siglip2VisionModel", "Siglip2Model"),
+        "google/siglip2-* (images of different sizes in one batch: `pixel_attention_mask`, k per image; no class "
+        "token: query='mean'; the attention-pooling head pools the kept tokens)",
+        (Sequential("Siglip2EncoderLayer", *_CLIP_LAYER),), layers="encoder.layers", encoder=("Siglip2VisionModel",),
+        prefix=0, class_token=False, attention=_HF_CLIP, padding="pixel_attention_mask", pool_mask="head",
+    ),
+    Family(
+        "Hugging Face Idefics3 / SmolVLM vision", "transformers",
+        ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"),
+        "the vision towers of HuggingFaceM4/Idefics3-*, HuggingFaceTB/SmolVLM* (`patch_attention_mask`, k per "
+        "image; no class token: query='mean')",
+        (Sequential("Idefics3EncoderLayer", *_CLIP_LAYER), Sequential("SmolVLMEncoderLayer", *_CLIP_LAYER)),
+        layers="encoder.layers", encoder=("Idefics3VisionTransformer", "SmolVLMVisionTransformer"), prefix=0,
+        class_token=False, attention=_HF_CLIP, padding="patch_attention_mask",
+    ),
 )
 
 
@@ -290,15 +317,10 @@ REFUSED: dict[tuple[str, str], str] = {
     ("timm", "Cait"): "its class-attention blocks attend from the class token only, so patch scores are not "
     "defined the same way",
     ("timm", "Xcit"): "its cross-covariance attention attends over channels, not tokens",
-    ("timm", "NaFlexVit"): "it runs with padding masks over variable-size patch sets, which the fused kernels "
-    "do not take",
     ("timm", "VisionTransformerSAM"): "its windowed attention with relative position bias is not global attention",
-    ("transformers", "Siglip2VisionModel"): "it takes images of different sizes in one batch, padded and "
-    "marked by a padding mask (NaFlex), which pruneattn's attention does not take",
-    ("transformers", "Idefics3VisionTransformer"): "its patches come with a padding mask (images of different "
-    "sizes in one batch), which pruneattn's attention does not take",
-    ("transformers", "SmolVLMVisionTransformer"): "its patches come with a padding mask (images of different "
-    "sizes in one batch), which pruneattn's attention does not take",
+    ("transformers", "Siglip2ForImageClassification"): "its classifier averages the encoder output with the "
+    "input's padding mask outside the encoder, so it needs every patch; patch its Siglip2VisionModel "
+    "(model.vision_model) for features",
     ("transformers", "PixtralVisionModel"): "it packs the images of a batch into one sequence with a "
     "block-diagonal attention mask, so scores and selection would have to be per image inside one sequence",
     ("transformers", "Qwen2_5_VisionTransformerPretrainedModel"): "most of its blocks attend within windows, "
@@ -322,6 +344,12 @@ REFUSED: dict[tuple[str, str], str] = {
     "does not prune for this model",
     ("transformers", "Gemma3ForConditionalGeneration"): "its projector average-pools 4 x 4 patches into one "
     "language-model token, so whole pooled units would have to be kept, which pruneattn does not do for it",
+    ("transformers", "Idefics3Model"): "its connector merges patches by pixel shuffle and it splits images "
+    "into tiles, so whole merged units per tile would have to be kept; patch its vision tower "
+    "(model.vision_model) for features",
+    ("transformers", "SmolVLMModel"): "its connector merges patches by pixel shuffle and it splits images "
+    "into tiles, so whole merged units per tile would have to be kept; patch its vision tower "
+    "(model.vision_model) for features",
     ("transformers", "Idefics3ForConditionalGeneration"): "its connector merges patches by pixel shuffle and it "
     "splits images into tiles, so whole merged units per tile would have to be kept",
     ("transformers", "SmolVLMForConditionalGeneration"): "its connector merges patches by pixel shuffle and it "

@@ -46,6 +46,7 @@ class BlockConfig:
     reader: Any = field(repr=False)  # pruneattn.patch.blocks.AttentionReader: how q, k, v are taken
     score_hook: ScoreHook | None = field(default=None, repr=False)
     tokens: int | None = None  # keep exactly this many patches (instead of keep_rate)
+    padded: bool = False  # the block's attention mask is a padding mask (images of different sizes)
 
     @property
     def selects(self) -> bool:
@@ -63,6 +64,7 @@ class ForwardState:
     before_selection: dict[int, torch.Tensor] = field(default_factory=dict)
     origin: torch.Tensor | None = None  # (B, L) grid positions of the tokens after patch dropout
     caller_mask: bool = False  # the caller passed an attention mask (Hugging Face encoders)
+    valid: torch.Tensor | None = None  # (B, N) padding mask of the tokens between blocks (padded encoders)
     token: object = field(default=None, repr=False)  # restores the previous current state
 
 

@@ -1,5 +1,6 @@
-"""timm: ``VisionTransformer`` (vit_*, deit_*, distilled, registers, parallel and post-norm blocks) and
-``Eva`` (EVA02, ``vit_*_rope*``, DINOv3: rotary embedding, SwiGLU, layer scale, registers).
+"""timm: ``VisionTransformer`` (vit_*, deit_*, distilled, registers, parallel and post-norm blocks),
+``Eva`` (EVA02, ``vit_*_rope*``, DINOv3: rotary embedding, SwiGLU, layer scale, registers) and
+``NaFlexVit`` (images of different sizes in one batch, padded, with ``patch_valid``).
 
 The families are entries of :mod:`pruneattn.patch.registry`; this module reads timm's attention
 modules, holds the forwards of timm's parallel blocks, and swaps the model's class (ToMe style) so that
@@ -10,7 +11,9 @@ modules, holds the forwards of timm's parallel blocks, and swaps the model's cla
 - ``forward_intermediates`` / ``get_intermediate_layers`` follow the grid rule: a grid-shaped output
   (``NCHW``) holds, for every dropped patch, its value in the block that dropped it; ``NLC`` outputs
   keep the pruned token count;
-- patch dropout (train mode) records which patches it kept, so that kept indices index the original grid.
+- patch dropout (train mode) records which patches it kept, so that kept indices index the original grid;
+- ``NaFlexVit`` runs its blocks with the call's padding mask (a broadcast (B, 1, 1, N) key mask, rebuilt
+  after each pruning block for the tokens that remain) and pools with the mask of the kept tokens.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from timm.layers.patch_dropout import PatchDropout, PatchDropoutWithIndices, pat
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva, EvaAttention
+from timm.models.naflexvit import NaFlexVit, apply_keep_indices_nlc
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 from torch import nn
 
@@ -270,6 +274,78 @@ class PrunedModel(Swapped):
         return inter if intermediates_only else (self.norm(x), inter)
 
 
+def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, 1, N) additive key mask of a (B, N) padding mask (0 at real keys, the dtype's lowest
+    number at padded ones), as timm's ``create_attention_mask`` makes it, but never N x N."""
+    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+
+
+def _run_naflex(model: nn.Module, state: ForwardState, patches, patch_coord, patch_valid) -> torch.Tensor:
+    """``NaFlexVit``'s embedding and blocks with the call's padding mask and rotary tables following the
+    kept patches; returns the tokens after the final norm."""
+    embeds = model._forward_embeds(patches, patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=None)
+    x, rope, keep = embeds["patches"], embeds.get("rope_embeds"), embeds.get("keep_indices")
+    npt = model.num_prefix_tokens
+    valid = embeds.get("patch_valid")
+    if valid is not None:
+        valid = torch.cat([valid.new_ones((x.shape[0], npt), dtype=torch.bool), valid.bool()], dim=1)
+    state.valid = valid
+    mixed = model.rope_is_mixed and rope is not None
+    tables = iter(rope) if mixed else None
+    pos, fused = None, False
+    for i, blk in enumerate(model.blocks):
+        kw = {}
+        if rope is not None:
+            table = next(tables) if mixed else rope
+            if mixed and keep is not None:
+                table = apply_keep_indices_nlc(x, table, keep, pos_embed_has_batch=patch_coord is not None)
+            kw["rope"] = rotary_table(table, pos, fused)
+        if state.valid is not None:
+            kw["attn_mask"] = key_mask(state.valid, x.dtype)
+        if model.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = checkpoint(blk, x, **kw)
+        else:
+            x = blk(x, **kw)
+        cfg = getattr(blk, "_pruneattn", None)
+        if cfg is not None and cfg.selects:
+            pos, fused = compose(pos, state.kept[i]), fused or cfg.mode == "fuse"
+    return model.norm(x)
+
+
+class PrunedNaFlex(Swapped):
+    """Swapped into a patched timm ``NaFlexVit``: each forward call gets its own pruning state and padding
+    mask; the head pools the kept tokens with their mask."""
+
+    _pruneattn_plan: Plan
+
+    def forward_features(self, patches, patch_coord=None, patch_valid=None, attn_mask=None):
+        check_traceable(patches)
+        if attn_mask is not None:
+            raise ValueError(
+                "pruneattn: a patched NaFlexVit builds its attention mask from patch_valid; pass patch_valid "
+                "(and patch_coord), not attn_mask"
+            )
+        state_out = {}
+
+        def run(state: ForwardState) -> torch.Tensor:
+            x = _run_naflex(self, state, patches, patch_coord, patch_valid)
+            state_out["valid"] = state.valid
+            return x
+
+        x = scoped(self._pruneattn_plan, run)
+        if patch_coord is None:
+            return x
+        valid = state_out["valid"]
+        return {"patches": x, "patch_valid": None if valid is None else valid[:, self.num_prefix_tokens:]}
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise TypeError(
+            "pruneattn: forward_intermediates of a patched NaFlexVit is not supported (its intermediate "
+            "tokens are padded per image); call forward_features, or unpatch for intermediates"
+        )
+
+
 # ----------------------------------------------------------------------------- adapter
 
 
@@ -285,14 +361,14 @@ class TimmAdapter:
     def reader(self, family: Family) -> TimmReader:
         return READER
 
-    def pruned_block(self, shape: BlockShape) -> type:
+    def pruned_block(self, shape: BlockShape, family: Family) -> type:
         return PrunedSequential if isinstance(shape, Sequential) else _PARALLEL[shape.block]
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Swap the model's class (its forward opens the call's state) and its patch dropout's (which must
         report the patches it keeps)."""
         drop = getattr(encoder, "patch_drop", None)
-        swaps = [(encoder, PrunedModel)]
+        swaps = [(encoder, PrunedNaFlex if isinstance(encoder, NaFlexVit) else PrunedModel)]
         if isinstance(drop, (PatchDropout, PatchDropoutWithIndices)):
             swaps.append((drop, PrunedPatchDropout))
         for module, mixin in swaps:

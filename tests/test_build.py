@@ -65,6 +65,11 @@ def test_the_sweep_launches_every_kernel_in_every_variant(launches):
     assert {launch.name for launch in launches} == _kernel_names()
     attention = {(la.dtype, la.head_dim, dict(la.constexprs)["STORE_CLS"]) for la in launches if la.name == "attention_fwd"}
     assert attention == {(dt, d, cls) for dt in ("float16", "bfloat16", "float32") for d in (64, 128) for cls in (True, False)}
+    masked = {(la.name, la.dtype, dict(la.constexprs).get("STORE_CLS")) for la in launches
+              if dict(la.constexprs).get("HAS_MASK") and la.name in ("attention_fwd", "column_mean", "select_topk")}
+    assert masked >= {("attention_fwd", dt, cls) for dt in ("float16", "float32") for cls in (True, False)}
+    assert {("column_mean", dt, None) for dt in ("float16", "float32")} <= masked
+    assert {("select_topk", None, None)} <= {(n, None, None) for n, _, _ in masked}
     stats = {(dict(la.constexprs)["STAT"], dict(la.constexprs)["IS_CLS"]) for la in launches if la.name == "head_statistic"}
     assert stats == {(s, c) for s in (0, 1, 2) for c in (True, False)}
     assert {la.dtype for la in launches if la.name == "fuse"} == {"float16", "bfloat16", "float32"}
@@ -95,12 +100,13 @@ def test_every_variant_compiles_without_spills(built, launches):
     spills = [(r["launch"], r["arch"], r["config"], r["registers"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
     assert not spills, spills
     assert all(0 < r["registers"] <= 255 for r in rows)
-    # Every 16-bit autotune candidate of the d = 64 attention kernels was built for sm_90 (cls and mean).
+    # Every 16-bit autotune candidate of the d = 64 attention kernels was built for sm_90 (cls and mean,
+    # with and without a padding mask).
     from pruneattn.kernels.attention import _CONFIGS
 
     tuned = [r for r in rows if r["kernel"] == "attention_fwd" and r["arch"] == "sm_90" and r["head_dim"] == 64
              and r["dtype"] == "bfloat16"]
-    assert sorted(r["candidate"] for r in tuned) == sorted(list(range(len(_CONFIGS))) * 2)
+    assert sorted(r["candidate"] for r in tuned) == sorted(list(range(len(_CONFIGS))) * 4)
 
 
 @needs_toolchain

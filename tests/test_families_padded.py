@@ -192,13 +192,13 @@ def test_siglip2_classifier_is_refused():
 # ----------------------------------------------------------------------------- Idefics3 / SmolVLM towers
 
 
-def _tower(kind, dtype=torch.float64):
+def _tower(kind, dtype=torch.float64, heads=6):
     if kind == "idefics3":
         from transformers import Idefics3VisionConfig as Config, Idefics3VisionTransformer as Tower
     else:
         from transformers import SmolVLMVisionConfig as Config, SmolVLMVisionTransformer as Tower
     torch.manual_seed(0)
-    cfg = Config(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6, patch_size=4,
+    cfg = Config(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=heads, patch_size=4,
                  image_size=32, attention_dropout=0.0)
     return _scale_qk(Tower(cfg)).eval().to(dtype)
 
@@ -266,3 +266,125 @@ def test_idefics3_model_is_refused():
     )
     with pytest.raises(TypeError, match="Idefics3Model: its connector merges patches by pixel shuffle"):
         pruneattn.patch(Idefics3Model(cfg))
+
+
+# ----------------------------------------------------------------------------- Pixtral (images packed in one sequence)
+
+
+def _pixtral(dtype=torch.float64):
+    from transformers import PixtralVisionConfig, PixtralVisionModel
+
+    torch.manual_seed(0)
+    cfg = PixtralVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=3,
+                              patch_size=4, image_size=32, head_dim=16, attention_dropout=0.0)
+    return _scale_qk(PixtralVisionModel(cfg)).eval().to(dtype)
+
+
+PIXTRAL_SIZES = [(32, 32), (20, 28), (4, 4), (8, 12)]  # pixels: 8 x 8, 5 x 7, 1 x 1 and 2 x 3 patches
+
+
+def _pixtral_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(len(PIXTRAL_SIZES), 3, 32, 32, generator=g, dtype=torch.float64).to(dtype)
+    return pixels, torch.tensor(PIXTRAL_SIZES)
+
+
+def _rotate_half(t):
+    a, b = t.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _pixtral_alone(model, image, size, rates):
+    """One image through Pixtral in pieces: its own patches, its 2-D rotary tables indexed by the kept
+    patches' grid positions, plain softmax attention, the spec's score (query mean, variance)."""
+    p = model.patch_size
+    h, w = size[0] // p, size[1] // p
+    x = model.ln_pre(model.patch_conv(image[None])[0, :, :h, :w].flatten(1).T[None])
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    cos, sin = model.patch_positional_embedding(x, torch.stack([rows.flatten(), cols.flatten()], dim=-1))
+    grid, kept = list(range(h * w)), {}
+    for i, layer in enumerate(model.transformer.layers):
+        a = layer.attention
+        hn = layer.attention_norm(x)
+        N = hn.shape[1]
+        q, k, v = (proj(hn).view(1, N, -1, a.head_dim).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        c, s = cos[grid], sin[grid]
+        q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+        attn = torch.softmax(q @ k.transpose(-1, -2) * a.scaling, dim=-1)
+        x = x + a.o_proj((attn @ v).transpose(1, 2).reshape(1, N, -1))
+        if i in rates:
+            received = attn.mean(dim=2)[0]
+            centred = received - received.mean(dim=0)
+            score = (centred * centred).mean(dim=0)
+            n_keep = max(1, math.ceil(round(rates[i] * N, 9)))
+            idx = sorted(sorted(range(N), key=lambda j: (-float(score[j]), j))[:n_keep])
+            x, grid = x[:, idx], [grid[j] for j in idx]
+            kept[i] = list(grid)
+        x = x + layer.feed_forward(layer.ffn_norm(x))
+    return x[0], kept
+
+
+def test_pixtral_keep_one_equals_unpatched(cpu_backend):
+    model = _pixtral()
+    pixels, sizes = _pixtral_inputs()
+    with torch.no_grad():
+        want = model(pixels, image_sizes=sizes).last_hidden_state
+        pruneattn.patch(model, keep_rate=1.0, layers=[1, 2])
+        got = model(pixels, image_sizes=sizes).last_hidden_state
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layers", [[1, 2], [0, 3]])
+def test_pixtral_pruned_equals_each_image_alone(layers, cpu_backend):
+    model = _pixtral()
+    pixels, sizes = _pixtral_inputs()
+    rates = dict.fromkeys(layers, 0.6)
+    with torch.no_grad():
+        pruneattn.patch(model, keep_rate=0.6, layers=layers)
+        packed = model(pixels, image_sizes=sizes).last_hidden_state[0]
+        kept = pruneattn.kept_indices(model)
+        start = 0
+        for b, size in enumerate(PIXTRAL_SIZES):
+            x, want_kept = _pixtral_alone(model, pixels[b], size, rates)
+            # Pixtral's RMSNorm computes in float32 even in a float64 model: float32 rounding, not float64
+            torch.testing.assert_close(packed[start : start + x.shape[0]], x, rtol=1e-5, atol=1e-6)
+            start += x.shape[0]
+            for layer in layers:
+                row = kept[layer][b].tolist()
+                assert row[: len(want_kept[layer])] == want_kept[layer]
+                assert set(row[len(want_kept[layer]):]) <= {-1}
+        assert start == packed.shape[0]  # the packed output holds exactly the kept tokens
+
+
+def test_pixtral_under_the_triton_interpreter(device):
+    model, reference = _pixtral(torch.float32), _pixtral(torch.float64)
+    with torch.no_grad():
+        for m in (model, reference):
+            pruneattn.patch(m, keep_rate=0.6, layers=[1, 2])
+        pixels, sizes = _pixtral_inputs(torch.float32)
+        with pruneattn.use_backend("triton"):
+            got = model.to(device)(pixels.to(device), image_sizes=sizes).last_hidden_state
+        with pruneattn.use_backend("cpu"):
+            want = reference(*_pixtral_inputs()[:1], image_sizes=sizes).last_hidden_state
+    assert torch.equal(pruneattn.kept_indices(model)[2].cpu(), pruneattn.kept_indices(reference)[2])
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_pixtral_fuse_is_refused():
+    with pytest.raises(ValueError, match="packed in one sequence"):
+        pruneattn.patch(_pixtral(), keep_rate=0.5, mode="fuse")
+
+
+def test_idefics3_tower_under_the_triton_interpreter(device):
+    model, reference = _tower("idefics3", torch.float32, heads=3), _tower("idefics3", torch.float64, heads=3)
+    images, mask = _padded_images(REGIONS)
+    with torch.no_grad():
+        for m in (model, reference):
+            pruneattn.patch(m, keep_rate=0.7, layers=[1, 2])
+        with pruneattn.use_backend("triton"):
+            got = model.to(device)(images.float().to(device), mask.to(device)).last_hidden_state
+        with pruneattn.use_backend("cpu"):
+            want = reference(images, mask).last_hidden_state
+    assert torch.equal(pruneattn.kept_indices(model)[2].cpu(), pruneattn.kept_indices(reference)[2])
+    real = pruneattn.kept_indices(reference)[2] >= 0
+    torch.testing.assert_close(got.cpu().double()[real], want[real], rtol=1e-4, atol=1e-4)

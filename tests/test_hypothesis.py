@@ -143,8 +143,9 @@ def _check_hard_attention(backend, problem, device):
     qd, kd, vd = (t.double() for t in (qc, kc, vc))
     scale = d**-0.5
     attn = R.attention_probs(qd, kd, scale)
-    finite = torch.isfinite(qd).all() and torch.isfinite(kd).all()
-    logit = float((qd.abs() @ kd.abs().transpose(-2, -1)).max()) * scale if finite else 0.0
+    # the largest logit among the finite entries (a poisoned entry must not hide a large finite logit)
+    qa, ka = (t.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0) for t in (qd, kd))
+    logit = float((qa @ ka.transpose(-2, -1)).max()) * scale
     base = {torch.float32: 1e-5, torch.float64: 1e-10}.get(dtype, 2e-2)
     tol = base + 64 * EPS32 * logit
     truth_out = attn @ vd

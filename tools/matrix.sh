@@ -63,6 +63,9 @@ run_row() {
         done
     fi
     echo "== $row: test suite"
+    # Its own torch.compile cache: a cache shared with another checkout (a newer pruneattn whose custom
+    # ops take more arguments) would hand this one compiled code it cannot run.
+    export TORCHINDUCTOR_CACHE_DIR="$venv/inductor-cache" TRITON_CACHE_DIR="$venv/triton-cache"
     start=$(date +%s)
     local load_start
     load_start=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "")

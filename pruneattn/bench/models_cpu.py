@@ -118,11 +118,13 @@ def block_time_bound(unpatched_s: float, shape: dict, config: M.Config, times: d
     return unpatched_s / (unpatched_s - full + pruned)
 
 
-def allocator_peak(model: torch.nn.Module, config: M.Config, x: tuple) -> float:
+def allocator_peak(model: torch.nn.Module, config: M.Config, x: torch.Tensor | tuple) -> float:
     """Peak bytes held by torch's CPU allocator during one forward, above what was held before it (MiB).
 
     A batch-1 forward runs first so that one-time allocations are not counted; see :func:`allocator_peak_of`.
     """
+    x = x if isinstance(x, tuple) else (x,)
+
     def forward():
         with torch.no_grad(), M.forward_context(config):
             return model(*x)

@@ -154,7 +154,7 @@ class EncoderPatch:
             block._pruneattn = BlockConfig(
                 layer, amount.keep_rate, self.stat, self.query, self.mode, num_prefix, fused_in=fused, plan=plan,
                 shape=self.shapes[layer], reader=reader, score_hook=self.score_hook, tokens=amount.tokens,
-                padded=self.family.padding is not None,
+                padded=self.family.padding is not None or self.family.packed is not None,
             )
             fused = fused or (self.mode == "fuse" and amount.selects)
         adapter.attach(self.family, self.encoder, plan)
@@ -184,6 +184,11 @@ def check_encoder(
     check_choice("mode", mode, MODES)
     chosen = _layers(default_layers(len(blocks)) if layers is None else layers, len(blocks))
     per_layer = amounts(keep_rate, tokens, len(chosen))
+    if mode == "fuse" and family.packed is not None:
+        raise ValueError(
+            f"mode='fuse' is not available for {type(model).__name__}: its images are packed in one sequence, "
+            "where a fused token per image would have no place between them; use mode='drop'"
+        )
     if query == "cls" and not has_cls:
         raise ValueError(
             f"query='cls' needs a class token, which this {type(model).__name__} has not; use query='mean'"

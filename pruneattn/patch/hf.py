@@ -16,6 +16,11 @@ batch, their patches padded to one length and marked by a padding mask): the mas
 becomes the forward call's padding mask. Every layer is handed it as a broadcast (B, 1, 1, N) key mask
 (nothing N x N), rebuilt after each pruning block for the tokens that remain, and so is the pooling
 head; the pruning blocks score, select and pad per image (:func:`pruneattn.patch.prune.prune_padded`).
+
+Packed encoders (Pixtral: the images of a batch in ONE sequence, a block-diagonal mask keeping them
+apart): the unpatched layers run packed, as in the unpatched model; each pruning layer gets the
+images unpacked into a padded batch (and their rotary tables per image), prunes each image on its own,
+and the kept tokens are packed again, with their tables, for the layers after it.
 """
 from __future__ import annotations
 
@@ -138,6 +143,79 @@ class PrunedPadded(TakesCallMask, PrunedSequential):
     keeps_name = False
 
 
+def _begin_packed_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Open a packed encoder's call: the number of patches of each image (from ``image_sizes``, the
+    second argument, or the batch's image size) is what the packed layers unpack by."""
+    state = begin(encoder._pruneattn_plan)
+    pixels = args[0] if args else kwargs["pixel_values"]
+    sizes = args[1] if len(args) > 1 else kwargs.get("image_sizes")
+    if sizes is None:
+        sizes = [tuple(pixels.shape[-2:])] * pixels.shape[0]
+    elif isinstance(sizes, torch.Tensor):
+        sizes = sizes.tolist()
+    p = encoder.patch_size
+    state.lengths = [(int(h) // p) * (int(w) // p) for h, w in sizes]
+
+
+def unpack(t: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``t`` (T, ...) packed image after image -> (B, max length, ...) padded with zeros, and the
+    (B, max length) mask of the real rows."""
+    B, width = len(lengths), max(lengths)
+    valid = torch.arange(width, device=t.device)[None, :] < torch.tensor(lengths, device=t.device)[:, None]
+    out = t.new_zeros((B, width, *t.shape[1:]))
+    out[valid] = t
+    return out, valid
+
+
+def pack(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The real rows of ``t`` (B, N, ...) under ``valid`` (B, N), image after image: (T', ...)."""
+    return t[valid]
+
+
+class PacksPerImage(Swapped):
+    """Swapped into the module that runs a packed encoder's layers (Pixtral's ``transformer``)."""
+
+    keeps_name = True
+
+    def forward(self, inputs_embeds, attention_mask=None, position_embeddings=None, **kwargs):
+        state = current(self._pruneattn_plan)
+        if state is None or getattr(state, "lengths", None) is None or inputs_embeds.shape[0] != 1:
+            return super().forward(inputs_embeds, attention_mask, position_embeddings=position_embeddings, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        from pruneattn.patch.positions import compose
+
+        lengths = state.lengths
+        x, (cos, sin) = inputs_embeds[0], position_embeddings
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "_pruneattn", None) is None:  # as in the unpatched model: packed, block mask
+                x = layer(x[None], attention_mask, position_embeddings=(cos, sin), **kwargs)[0]
+                continue
+            xp, valid = unpack(x, lengths)
+            (cp, _), (sp, _) = unpack(cos, lengths), unpack(sin, lengths)
+            state.valid = valid
+            y = layer(xp, key_mask(valid, xp.dtype), position_embeddings=(cp[:, None], sp[:, None]), **kwargs)
+            kept, valid = state.kept[i], state.valid
+            index = kept.clamp(min=0)[:, :, None].expand(-1, -1, cp.shape[-1])
+            cos, sin = pack(cp.gather(1, index), valid), pack(sp.gather(1, index), valid)
+            x, lengths = pack(y, valid), valid.sum(dim=1).tolist()
+            if attention_mask is not None:
+                attention_mask = _block_mask(lengths, x)
+            elif "cu_seq_lens_q" in kwargs:  # flash attention: the images' boundaries, as the model passes them
+                bounds = torch.tensor([0, *lengths], device=x.device, dtype=torch.int32).cumsum(dim=0, dtype=torch.int32)
+                kwargs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths),
+                              max_length_k=max(lengths))
+        state.valid = None
+        return BaseModelOutput(last_hidden_state=x[None])
+
+
+def _block_mask(lengths: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Pixtral's own block-diagonal mask of images packed with these lengths (what its model builds)."""
+    from transformers.models.pixtral.modeling_pixtral import generate_block_attention_mask
+
+    return generate_block_attention_mask(lengths, x[None])
+
+
 def _pool_mask(head: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of a padded encoder's pooling head: it pools the tokens that remain, so it gets
     their padding mask instead of the input's."""
@@ -254,19 +332,26 @@ class HFAdapter:
         return HFReader(family.attention)
 
     def pruned_block(self, shape: BlockShape, family: Family) -> type:
-        return PrunedSequential if family.padding is None else PrunedPadded
+        return PrunedSequential if family.padding is None and family.packed is None else PrunedPadded
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Forward hooks open and close each call's state: swapping the class of a transformers model
         would change the class name that transformers keys its output recording (and saved configs) on."""
         encoder._pruneattn_plan = plan
         begin_call = _begin_call if family.padding is None else functools.partial(_begin_padded_call, family.padding)
+        if family.packed is not None:
+            begin_call = _begin_packed_call
+            runner = attribute(encoder, family.packed)
+            swap(runner, PacksPerImage)
+            runner._pruneattn_plan = plan
         encoder._pruneattn_hooks = (
             encoder.register_forward_pre_hook(begin_call, with_kwargs=True),
             encoder.register_forward_hook(_end_call, with_kwargs=True, always_call=True),
         )
         for block in blocks_of(family, encoder):  # the later unpatched layers too: they see fewer tokens
             block._pruneattn_plan = plan
+            if family.packed is not None:
+                continue  # the packed runner hands each layer its mask
             if family.padding is not None:
                 if not isinstance(block, PrunedPadded):
                     swap(block, TakesCallMask)

@@ -54,6 +54,8 @@ class Family:
     masking: str | None = None  # attribute path of an embedding that drops patches at random (ViT-MAE)
     padding: str | None = None  # the encoder's forward argument (second) holding a padding mask of its patches
     pool_mask: str | None = None  # attribute path of a pooling head that takes (tokens, padding mask)
+    packed: str | None = None  # attribute path of the module that runs the blocks on images packed in one
+    # sequence (Pixtral): the pruning blocks run on them padded per image instead
 
 
 def attribute(obj: object, path: str) -> object:
@@ -265,6 +267,16 @@ FAMILIES: tuple[Family, ...] = (
         prefix=0, class_token=False, attention=_HF_CLIP, padding="pixel_attention_mask", pool_mask="head",
     ),
     Family(
+        "Hugging Face Pixtral vision", "transformers", ("PixtralVisionModel",),
+        "mistral-community/pixtral-12b vision encoder (images of any size packed in one sequence: scored and "
+        "pruned per image, k per image; 2-D rotary tables follow the kept patches; no class token: query='mean'; "
+        "mode='drop')",
+        (Sequential("PixtralAttentionLayer", Residual("attention", norm="attention_norm"),
+                    Residual("feed_forward", norm="ffn_norm")),),
+        layers="transformer.layers", encoder=("PixtralVisionModel",), prefix=0, class_token=False,
+        attention=HFAttention(out="o_proj", scale="scaling", dropout="dropout"), packed="transformer",
+    ),
+    Family(
         "Hugging Face Idefics3 / SmolVLM vision", "transformers",
         ("Idefics3VisionTransformer", "SmolVLMVisionTransformer"),
         "the vision towers of HuggingFaceM4/Idefics3-*, HuggingFaceTB/SmolVLM* (`patch_attention_mask`, k per "
@@ -321,8 +333,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("transformers", "Siglip2ForImageClassification"): "its classifier averages the encoder output with the "
     "input's padding mask outside the encoder, so it needs every patch; patch its Siglip2VisionModel "
     "(model.vision_model) for features",
-    ("transformers", "PixtralVisionModel"): "it packs the images of a batch into one sequence with a "
-    "block-diagonal attention mask, so scores and selection would have to be per image inside one sequence",
     ("transformers", "Qwen2_5_VisionTransformerPretrainedModel"): "most of its blocks attend within windows, "
     "its images are packed into one sequence, and its merger needs whole 2 x 2 units, which pruneattn does "
     "not prune",

@@ -65,6 +65,7 @@ class ForwardState:
     origin: torch.Tensor | None = None  # (B, L) grid positions of the tokens after patch dropout
     caller_mask: bool = False  # the caller passed an attention mask (Hugging Face encoders)
     valid: torch.Tensor | None = None  # (B, N) padding mask of the tokens between blocks (padded encoders)
+    lengths: list[int] | None = None  # tokens of each image packed in one sequence (packed encoders)
     token: object = field(default=None, repr=False)  # restores the previous current state
 
 

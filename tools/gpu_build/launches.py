@@ -242,7 +242,9 @@ def sweep(
     ``select_tokens`` in both modes. For each standard shape (H, N) in ``shapes`` (whose launches
     differ only in the statistic, selection and gather kernels: the attention kernels' constants do
     not depend on H or N): ``head_statistic`` for every statistic and query on float32 rows, and
-    ``select_tokens`` in both modes on tokens of width H * 64 in each dtype.
+    ``select_tokens`` in both modes on tokens of width H * 64 in each dtype. Padding masks: at d = 64,
+    ``attention_scores`` with a mask for both queries on the fused kernel, and ``select_tokens`` with a
+    mask in both modes at every shape.
     """
     import pruneattn
     from pruneattn.backend import use_attention_kernel, use_backend
@@ -265,6 +267,9 @@ def sweep(
                             rec.context["op"] = f"attention_scores(stat={stat}, query={query}) [{backend}]"
                             with use_attention_kernel(backend):
                                 res = pruneattn.attention_stats(q, k, v, stat=stat, query=query)
+                    if d == 64:
+                        rec.context["op"] = f"attention_scores(stat=var, query={query}, valid=mask) [fused]"
+                        pruneattn.attention_stats(q, k, v, stat="var", query=query, valid=_half_real(N))
                 scores, weights = res.scores, res.head_mean
             else:
                 for query in QUERIES:
@@ -275,10 +280,18 @@ def sweep(
                         head_statistic(rows, stat=stat, num_prefix=1, class_lse=lse[:, :, 0] if query == "cls" else None)
                 scores, weights = torch.rand(1, N - 1, generator=g), torch.rand(1, N - 1, generator=g)
             for mode in MODES:
-                rec.context["op"] = f"select_tokens(mode={mode})"
-                pruneattn.select_tokens(x, scores, keep_rate=0.7, mode=mode,
-                                        fuse_weights=weights if mode == "fuse" else None)
+                for valid in (None, _half_real(N)):
+                    rec.context["op"] = f"select_tokens(mode={mode}{', valid=mask' if valid is not None else ''})"
+                    pruneattn.select_tokens(x, scores, keep_rate=0.7, mode=mode,
+                                            fuse_weights=weights if mode == "fuse" else None, valid=valid)
     return list(rec.launches.values())
+
+
+def _half_real(N: int) -> torch.Tensor:
+    """A (1, N) padding mask whose first half (at least the class token and one patch) is real."""
+    valid = torch.zeros(1, N, dtype=torch.bool)
+    valid[0, : max(2, N // 2)] = True
+    return valid
 
 
 def with_bfloat16(launches: list[Launch]) -> list[Launch]:

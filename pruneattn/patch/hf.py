@@ -24,7 +24,6 @@ and the kept tokens are packed again, with their tables, for the layers after it
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -103,12 +102,10 @@ def _begin_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     state.caller_mask = len(args) > 1 or kwargs.get("attention_mask") is not None
 
 
-def _begin_padded_call(padding: str, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Open a padded encoder's call: its padding mask (the second argument, or ``padding`` by name),
-    (B, N) or a (B, h, w) grid of patches, becomes the call's (B, N) bool mask."""
-    state = begin(encoder._pruneattn_plan)
-    mask = args[1] if len(args) > 1 else kwargs.get(padding)
-    state.valid = None if mask is None else mask.flatten(1).bool()
+def _begin_padded_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Open a padded encoder's call. Until its first pruning layer the layers get the attention mask the
+    encoder builds from its padding mask, as unpatched; from there on, the call's own (B, N) mask."""
+    begin(encoder._pruneattn_plan)
 
 
 def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,17 +116,22 @@ def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class TakesCallMask(Swapped):
-    """Swapped into every layer of a padded encoder: the attention mask it is given is the running
-    call's padding mask of the tokens it receives (fewer after a pruning block). Replaced in
-    ``__call__``, before transformers' activation checkpointing wraps the forward, so that a recompute
-    gets the same mask."""
+    """Swapped into every layer of a padded encoder: after a pruning layer, the attention mask it is
+    given is the running call's padding mask of the tokens it receives, as a broadcast (B, 1, 1, N) key
+    mask of the kind the encoder built (boolean: a view of the call's mask; additive: 0 / lowest). Replaced
+    in ``__call__``, before transformers' activation checkpointing wraps the forward, so that a
+    recompute gets the same mask."""
 
     keeps_name = True
 
     def __call__(self, hidden_states, *args, **kwargs):
         state = current(self._pruneattn_plan)
         if state is not None and state.valid is not None:
-            mask = key_mask(state.valid, hidden_states.dtype)
+            given = args[0] if args else kwargs.get("attention_mask")
+            if given is not None and given.dtype == torch.bool:
+                mask = state.valid[:, None, None, :]
+            else:
+                mask = key_mask(state.valid, hidden_states.dtype)
             if args:
                 args = (mask, *args[1:])
             else:
@@ -338,7 +340,7 @@ class HFAdapter:
         """Forward hooks open and close each call's state: swapping the class of a transformers model
         would change the class name that transformers keys its output recording (and saved configs) on."""
         encoder._pruneattn_plan = plan
-        begin_call = _begin_call if family.padding is None else functools.partial(_begin_padded_call, family.padding)
+        begin_call = _begin_call if family.padding is None else _begin_padded_call
         if family.packed is not None:
             begin_call = _begin_packed_call
             runner = attribute(encoder, family.packed)

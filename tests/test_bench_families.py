@@ -84,3 +84,16 @@ def test_prefix_tokens_come_from_the_registry():
     assert M.model_shape(SiglipVisionModel(SiglipVisionConfig(**small)))["num_prefix"] == 0
     reg = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**small, num_register_tokens=3))
     assert M.model_shape(reg)["num_prefix"] == 4 and M.model_shape(reg)["num_patches"] == 16
+
+
+def test_family_suite_runs_on_a_padded_batch():
+    """``pruneattn bench --cpu-families`` plumbing: the padded SigLIP2 case times all three configurations
+    with its FLOP bound (a smoke run: one repeat, no verdicts)."""
+    from pruneattn.bench import models_cpu
+
+    res = models_cpu.run_models_cpu(models_cpu.FAMILY_SMOKE_CASES, smoke=True, memory=False, progress=False,
+                                    threads=1)
+    rows = res["rows"]
+    assert [r["config"] for r in rows] == [c.name for c in models_cpu.CONFIGS]
+    assert all(r["model"] == "hf:siglip2_b16_naflex" and r["batch"] == 3 for r in rows)
+    assert rows[0]["flop_bound"] == 1.0 and rows[1]["flop_bound"] > 1.0

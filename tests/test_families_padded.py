@@ -388,3 +388,20 @@ def test_idefics3_tower_under_the_triton_interpreter(device):
     assert torch.equal(pruneattn.kept_indices(model)[2].cpu(), pruneattn.kept_indices(reference)[2])
     real = pruneattn.kept_indices(reference)[2] >= 0
     torch.testing.assert_close(got.cpu().double()[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "pixtral"])
+def test_padded_and_packed_towers_compile(kind, cpu_backend):
+    if kind == "pixtral":
+        model = _pixtral(torch.float32)
+        pixels, sizes = _pixtral_inputs(torch.float32)
+        run = lambda m: m(pixels, image_sizes=sizes).last_hidden_state  # noqa: E731
+    else:
+        model = _tower("idefics3", torch.float32)
+        images, mask = _padded_images(REGIONS, dtype=torch.float32)
+        run = lambda m: m(images, mask).last_hidden_state  # noqa: E731
+    pruneattn.patch(model, keep_rate=0.7, layers=[1])
+    with torch.no_grad():
+        eager = run(model)
+        compiled = run(torch.compile(model))
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)

@@ -243,3 +243,21 @@ def test_masked_ops_compile():
         compiled = torch.compile(run)(q, k, v, x, valid)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_mask_as_a_strided_view(backend, device):
+    """A mask read off a model's (B, 1, N, N) attention mask is a strided view: the same results."""
+    q, k, v, valid = _ragged(2, 3, 19, 16, (19, 7), torch.float32, seed=8)
+    square = valid[:, None, None, :].expand(2, 1, 19, 19).clone()
+    view = square[:, 0, 0, :]
+    assert not view.is_contiguous()
+    dev = device if backend == "triton" else torch.device("cpu")
+    x = torch.randn(2, 19, 8)
+    with pruneattn.use_backend(backend):
+        a = pruneattn.attention_stats(*(t.to(dev) for t in (q, k, v)), query="mean", valid=view.to(dev))
+        b = pruneattn.attention_stats(*(t.to(dev) for t in (q, k, v)), query="mean", valid=valid.to(dev))
+        kept_a = pruneattn.select_tokens(x.to(dev), a.scores, keep_rate=0.5, valid=view.to(dev))
+        kept_b = pruneattn.select_tokens(x.to(dev), b.scores, keep_rate=0.5, valid=valid.to(dev))
+    torch.testing.assert_close(a.scores, b.scores, equal_nan=True)
+    assert torch.equal(kept_a[1], kept_b[1]) and torch.equal(kept_a[0], kept_b[0])

@@ -132,7 +132,7 @@ def attention_fwd(
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     cls_logits = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if store_cls else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    mask = lse if valid is None else valid.to(torch.int8)  # never read without a mask
+    mask = lse if valid is None else valid.to(torch.int8).contiguous()  # never read without a mask
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, cls_logits if store_cls else lse, mask,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

@@ -86,7 +86,7 @@ def column_mean(
     if valid is None:
         mask = inv_count = lse  # never read without a mask
     else:
-        mask = valid.to(torch.int8)
+        mask = valid.to(torch.int8).contiguous()
         inv_count = valid.sum(dim=1, dtype=torch.float32).reciprocal_()
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
     _column_mean_kernel[grid](

@@ -88,7 +88,7 @@ def head_statistic(
     block_j = max(16, min(128, next_pow2(P), 2048 // h_pad))
     is_cls = class_lse is not None
     lse = class_lse if is_cls else received  # never read without class_lse
-    mask = scores if valid is None else valid.to(torch.int8)  # never read without a mask
+    mask = scores if valid is None else valid.to(torch.int8).contiguous()  # never read without a mask
     _head_statistic_kernel[(triton.cdiv(P, block_j), B)](
         received, lse, scores, head_mean, mask, lse.stride(0), lse.stride(1), N, P, num_prefix,
         H=H, H_PAD=h_pad, STAT=STAT_CODES[stat], IS_CLS=is_cls, HAS_MASK=valid is not None, BLOCK_J=block_j,

@@ -73,7 +73,7 @@ def select_topk(
     has_mask = valid is not None
     if has_mask:
         kept_idx = torch.full((B, k), -1, device=scores.device, dtype=torch.int64)
-        mask, N = valid.to(torch.int8), valid.shape[1]
+        mask, N = valid.to(torch.int8).contiguous(), valid.shape[1]
     else:
         kept_idx = torch.empty((B, k), device=scores.device, dtype=torch.int64)
         mask, per_image, N = scores, scores, P + num_prefix  # never read without a mask

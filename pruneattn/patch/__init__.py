@@ -293,7 +293,9 @@ def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
     the prefix), ascending (in patch-dropout order where timm's patch dropout ran in train mode). Only the
     pruning blocks that call ran are listed (``forward_intermediates(stop_early=True)`` may stop before
     some). Composed on the device, no host sync. For a vision-language model the rows are its images, in
-    batch order (``B`` is the number of images), indexing each image's own patch grid.
+    batch order (``B`` is the number of images), indexing each image's own patch grid. For images of
+    different sizes in one batch (padded or packed encoders) each row lists its image's kept patches
+    first and is padded with -1 up to the batch's widest image.
 
     Raises RuntimeError if no forward call has finished since patching, if the last one raised, or if
     the model was last traced by ``torch.export`` (an exported program leaves no indices behind);

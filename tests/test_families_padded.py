@@ -405,3 +405,25 @@ def test_padded_and_packed_towers_compile(kind, cpu_backend):
         eager = run(model)
         compiled = run(torch.compile(model))
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_pixtral_transformer_alone_is_refused(cpu_backend):
+    model = _pixtral()
+    pruneattn.patch(model, keep_rate=0.5, layers=[1])
+    x = torch.randn(1, 10, 48, dtype=torch.float64)
+    with pytest.raises(TypeError, match="call the vision model itself"):
+        model.transformer(x, None, position_embeddings=(torch.ones(10, 16), torch.zeros(10, 16)))
+
+
+def test_unpatch_restores_padded_and_packed_models(cpu_backend):
+    from pruneattn.patch.swap import is_swapped
+
+    for model, run in ((_siglip2(), lambda m: m(*_naflex_batch(SHAPES)).pooler_output),
+                       (_pixtral(), lambda m: m(_pixtral_inputs()[0], image_sizes=_pixtral_inputs()[1]).last_hidden_state)):
+        with torch.no_grad():
+            want = run(model)
+            pruneattn.patch(model, keep_rate=0.5, layers=[1])
+            assert run(model).shape != want.shape or not torch.equal(run(model), want)
+            pruneattn.unpatch(model)
+            assert not any(is_swapped(m) or m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+            torch.testing.assert_close(run(model), want)

@@ -180,13 +180,15 @@ class PacksPerImage(Swapped):
     keeps_name = True
 
     def forward(self, inputs_embeds, attention_mask=None, position_embeddings=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         state = current(self._pruneattn_plan)
-        if state is None or getattr(state, "lengths", None) is None or inputs_embeds.shape[0] != 1:
-            return super().forward(inputs_embeds, attention_mask, position_embeddings=position_embeddings, **kwargs)
-        from transformers.modeling_outputs import BaseModelOutput
-
-        from pruneattn.patch.positions import compose
-
+        if state is None or state.lengths is None or inputs_embeds.shape[0] != 1:
+            raise TypeError(
+                f"pruneattn: the layers of a patched {type(self).__name__} prune each image of the packed sequence, "
+                "which needs the images' sizes: call the vision model itself (with image_sizes), not its "
+                "transformer alone"
+            )
         lengths = state.lengths
         x, (cos, sin) = inputs_embeds[0], position_embeddings
         for i, layer in enumerate(self.layers):
@@ -208,7 +210,7 @@ class PacksPerImage(Swapped):
                 kwargs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths),
                               max_length_k=max(lengths))
         state.valid = None
-        return BaseModelOutput(last_hidden_state=x[None])
+        return BaseModelOutputWithPooling(last_hidden_state=x[None])
 
 
 def _block_mask(lengths: list[int], x: torch.Tensor) -> torch.Tensor:

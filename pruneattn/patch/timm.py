@@ -28,6 +28,7 @@ from timm.models.naflexvit import NaFlexVit, apply_keep_indices_nlc
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 from torch import nn
 
+from pruneattn._versions import release
 from pruneattn.ops import split_qkv
 from pruneattn.patch.blocks import (
     BlockShape,
@@ -40,7 +41,7 @@ from pruneattn.patch.blocks import (
 from pruneattn.patch.positions import compose, paint, rotary_table
 from pruneattn.patch.prune import attention, check_traceable, prune_tokens
 from pruneattn.patch.registry import Family
-from pruneattn.patch.state import ForwardState, Plan, current, scoped
+from pruneattn.patch.state import ForwardState, Plan, begin, current, end, scoped
 from pruneattn.patch.swap import Swapped, original_class, swap
 
 _ATTENTIONS = (Attention, EvaAttention, AttentionRope)
@@ -326,17 +327,16 @@ class PrunedNaFlex(Swapped):
                 "pruneattn: a patched NaFlexVit builds its attention mask from patch_valid; pass patch_valid "
                 "(and patch_coord), not attn_mask"
             )
-        state_out = {}
-
-        def run(state: ForwardState) -> torch.Tensor:
+        state = begin(self._pruneattn_plan)
+        finished = False
+        try:
             x = _run_naflex(self, state, patches, patch_coord, patch_valid)
-            state_out["valid"] = state.valid
-            return x
-
-        x = scoped(self._pruneattn_plan, run)
+            valid = state.valid
+            finished = True
+        finally:
+            end(state, finished)
         if patch_coord is None:
             return x
-        valid = state_out["valid"]
         return {"patches": x, "patch_valid": None if valid is None else valid[:, self.num_prefix_tokens:]}
 
     def forward_intermediates(self, *args, **kwargs):
@@ -344,6 +344,12 @@ class PrunedNaFlex(Swapped):
             "pruneattn: forward_intermediates of a patched NaFlexVit is not supported (its intermediate "
             "tokens are padded per image); call forward_features, or unpatch for intermediates"
         )
+
+
+if release(torch.__version__) < (2, 12):
+    # torch 2.11's Dynamo fails an assertion when it resumes the block loop after a padded pruning block's
+    # host read of the kept counts (a graph break); there the features run eagerly inside a compiled model.
+    PrunedNaFlex.forward_features = torch.compiler.disable(PrunedNaFlex.forward_features)
 
 
 # ----------------------------------------------------------------------------- adapter

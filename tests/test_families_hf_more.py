@@ -299,3 +299,17 @@ def test_dinov3_triton_kernels(device):
         pruneattn.patch(model, keep_rate=[0.7, 0.5], layers=(1, 3), mode="fuse")
         out = model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [*BUILDERS, "dinov3"])
+def test_compiles_without_graph_breaks(cpu_backend, name):
+    """Each family compiles as one graph (Dynamo, eager backend) and gives the eager outputs."""
+    model = dinov3() if name == "dinov3" else build(name)
+    pruneattn.patch(model, keep_rate=0.5, layers=LAYERS)
+    x = images()
+    kw = call_kw(name, x)
+    with torch.no_grad():
+        eager = model(pixel_values=x, **kw).last_hidden_state
+        torch._dynamo.reset()
+        run = torch.compile(lambda t: model(pixel_values=t, **kw).last_hidden_state, fullgraph=True, backend="eager")
+        torch.testing.assert_close(run(x), eager)

@@ -114,3 +114,13 @@ def test_attention_dropout_is_refused():
     model.transformer.resblocks[1].attn.dropout = 0.1
     with pytest.raises(ValueError, match="attention dropout"):
         pruneattn.patch(model, layers=(1,))
+
+
+def test_compiles_without_graph_breaks(cpu_backend):
+    model = tower()
+    pruneattn.patch(model, keep_rate=0.5, layers=(1, 3))
+    x = images()
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), eager)

@@ -93,6 +93,14 @@ def check_no_mask(args: tuple, kwargs: dict) -> None:
         raise ValueError("pruneattn: patched blocks take no attention mask (attn_mask / attention_mask / is_causal)")
 
 
+def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, 1, N) additive key mask of a (B, N) padding mask: 0 at real keys, the dtype's lowest
+    number at padded ones (what timm's and transformers' attention add to their logits), never N x N.
+    :func:`padding_of` reads it back."""
+    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+
+
 def padding_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The (B, N) padding mask behind the attention mask a padded encoder's layer is given (its first
     argument after the tokens, or ``attention_mask`` / ``attn_mask``): a broadcast key mask (B, 1, 1 or N, N), additive

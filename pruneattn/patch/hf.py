@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pruneattn.ops import split_qkv
-from pruneattn.patch.blocks import BlockShape, PrunedSequential
+from pruneattn.patch.blocks import BlockShape, PrunedSequential, key_mask
 from pruneattn.patch.positions import compose, gather_rows
 from pruneattn.patch.registry import Family, HFAttention, attribute, blocks_of
 from pruneattn.patch.state import Plan, begin, current, end
@@ -106,13 +106,6 @@ def _begin_padded_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     """Open a padded encoder's call. Until its first pruning layer the layers get the attention mask the
     encoder builds from its padding mask, as unpatched; from there on, the call's own (B, N) mask."""
     begin(encoder._pruneattn_plan)
-
-
-def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, 1, 1, N) additive key mask of a (B, N) padding mask: 0 at real keys, the dtype's lowest
-    number at padded ones (what transformers' eager and SDPA attention add to their logits)."""
-    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
-    return bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
 
 
 class TakesCallMask(Swapped):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pruneattn.ops import AttentionStats, attention_stats, select_per_image, select_tokens, valid_after
 from pruneattn.patch.state import BlockConfig, current
-from pruneattn.validate import kept_of_rate
+from pruneattn.validate import kept_of_rate, kept_per_image
 
 
 def check_traceable(x: object) -> None:
@@ -101,11 +101,9 @@ def prune_padded(
     if not cfg.selects or B == 0:
         kept_idx = torch.arange(P, device=x.device).expand(B, P).masked_fill(~real, -1)
     else:
-        counts = real.sum(dim=1).tolist()  # one host read per pruning block
-        if cfg.tokens is None:
-            counts = [kept_of_rate(c, cfg.keep_rate) if c else 0 for c in counts]
-        else:
-            counts = [min(cfg.tokens, c) for c in counts]
+        # one host read per pruning block; the fused token (last, if any) is not a patch
+        rate = cfg.keep_rate if cfg.tokens is None else None
+        counts = kept_per_image(valid[:, : p + P], p, keep_rate=rate, k=cfg.tokens)
         fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
         x, kept_idx = select_per_image(
             x, _scores(cfg, stats, B, P), counts, num_prefix=p, fuse_weights=fuse_weights, valid=valid

@@ -37,6 +37,7 @@ from pruneattn.patch.blocks import (
     Sequential,
     attend,
     check_no_mask,
+    key_mask,
 )
 from pruneattn.patch.positions import compose, paint, rotary_table
 from pruneattn.patch.prune import attention, check_traceable, prune_tokens
@@ -273,13 +274,6 @@ class PrunedModel(Swapped):
         if return_prefix_tokens and prefix is not None:
             inter = list(zip(inter, prefix))
         return inter if intermediates_only else (self.norm(x), inter)
-
-
-def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, 1, 1, N) additive key mask of a (B, N) padding mask (0 at real keys, the dtype's lowest
-    number at padded ones), as timm's ``create_attention_mask`` makes it, but never N x N."""
-    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
-    return bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
 
 
 def _run_naflex(model: nn.Module, state: ForwardState, patches, patch_coord, patch_valid) -> torch.Tensor:

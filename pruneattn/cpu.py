@@ -257,7 +257,7 @@ def zero_padding(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stat: str, query: str, num_prefix: int, scale: float,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, unit: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, scores, head_mean) as in :func:`pruneattn.ops.attention_stats`."""
     if valid is not None:  # padded keys and values can hold anything (NaN): none of it may reach a result
@@ -270,9 +270,9 @@ def attention_stats(
     a = received_from_qk(q, k, scale, query, exact_lse, valid)
     if heads.shape[0]:  # non-finite inputs: those heads as the reference computes them
         recompute_heads(q, k, v, scale, query, heads, out, a, valid)
-    score, mean = head_statistic(a[:, :, num_prefix:], stat)
+    score, mean = head_statistic(reference.unit_sum(a[:, :, num_prefix:], unit), stat)
     score, mean = score.float(), mean.float()
     if valid is not None:
-        pad = ~valid[:, num_prefix:]
+        pad = ~reference.unit_valid(valid, num_prefix, unit)
         score, mean = score.masked_fill_(pad, float("nan")), mean.masked_fill_(pad, 0.0)
     return out, score, mean

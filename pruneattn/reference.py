@@ -39,6 +39,8 @@ __all__ = [
     "received_attention",
     "select_k",
     "select_tokens",
+    "unit_sum",
+    "unit_valid",
 ]
 
 
@@ -89,6 +91,17 @@ def head_statistic(a: torch.Tensor, stat: str = "var") -> torch.Tensor:
     raise ValueError(f"stat must be 'var', 'mad' or 'mean', got {stat!r}")
 
 
+def unit_sum(a: torch.Tensor, unit: int) -> torch.Tensor:
+    """Received attention per selection unit: ``a`` (B, H, P) summed over each run of ``unit``
+    consecutive patches -> (B, H, P / unit) (a merged token's received attention, per head)."""
+    return a if unit == 1 else a.unflatten(-1, (-1, unit)).sum(dim=-1)
+
+
+def unit_valid(valid: torch.Tensor | None, num_prefix: int, unit: int) -> torch.Tensor | None:
+    """The (B, U) padding mask of the units after the prefix (a unit is real where its first patch is)."""
+    return None if valid is None else valid[:, num_prefix::unit]
+
+
 def attention_stats(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,19 +112,24 @@ def attention_stats(
     num_prefix: int = 1,
     scale: float | None = None,
     valid: torch.Tensor | None = None,
+    unit: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output ``(B, H, N, d)`` in q's dtype, float32 patch scores and float32 head-mean
     received attention (the fuse weights), both ``(B, N - num_prefix)``; computed in float32 (float64
-    for float64 inputs). ``valid``: an optional (B, N) bool padding mask (see the module's docstring)."""
-    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid)
+    for float64 inputs). ``valid``: an optional (B, N) bool padding mask (see the module's docstring).
+    ``unit``: score runs of that many consecutive patches as one (merged tokens): their received
+    attention is summed per head before the statistic, scores and head mean are (B, (N - num_prefix) / unit)."""
+    check_attention_inputs(
+        q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid, unit=unit
+    )
     attn = attention_probs(q, k, scale, valid)
-    a = received_attention(attn, query, valid)[:, :, num_prefix:]
+    a = unit_sum(received_attention(attn, query, valid)[:, :, num_prefix:], unit)
     if valid is not None:  # padded values never reach an output (0 * NaN would)
         v = v.masked_fill(~valid[:, None, :, None], 0.0)
     out = (attn @ v.to(attn.dtype)).to(q.dtype)
     scores, mean = head_statistic(a, stat).float(), a.mean(dim=1).float()
     if valid is not None:
-        pad = ~valid[:, num_prefix:]
+        pad = ~unit_valid(valid, num_prefix, unit)
         scores, mean = scores.masked_fill(pad, float("nan")), mean.masked_fill(pad, 0.0)
     return out, scores, mean
 

@@ -92,6 +92,23 @@ def check_valid(valid: object, shape: tuple[int, int], device: torch.device, num
             raise ValueError("valid must mark at least one real token in every image")
 
 
+def check_unit(unit: object, num_patches: int, valid: torch.Tensor | None, num_prefix: int) -> None:
+    """Validate a selection unit: an int >= 1 that divides the patch count; under a padding mask each
+    unit's patches are all real or all padding (checked on CPU tensors, see :func:`value_checks`)."""
+    if not _is_int(unit) or unit < 1:
+        raise ValueError(f"unit must be an int >= 1 (patches per selection unit), got {unit!r}")
+    num_patches = size(num_patches)
+    if num_patches % unit:
+        raise ValueError(
+            f"unit={unit} must divide the {num_patches} patches after the prefix (whole units of {unit} "
+            "consecutive patches)"
+        )
+    if unit > 1 and valid is not None and value_checks(valid) and valid.numel():
+        units = valid[:, num_prefix:].unflatten(1, (-1, unit))
+        if not bool((units.all(dim=2) | ~units.any(dim=2)).all()):
+            raise ValueError(f"valid must mark whole units of {unit} patches as real or as padding, not parts of one")
+
+
 def check_attention_inputs(
     q: object,
     k: object,
@@ -102,6 +119,7 @@ def check_attention_inputs(
     num_prefix: int,
     scale: float | None,
     valid: object = None,
+    unit: int = 1,
 ) -> None:
     """Validate the arguments of ``attention_scores``."""
     q, k, v = _tensor("q", q, 4), _tensor("k", k, 4), _tensor("v", v, 4)
@@ -123,6 +141,7 @@ def check_attention_inputs(
     if query == "cls" and num_prefix < 1:
         raise ValueError("query='cls' scores by the class token's row: num_prefix must be >= 1")
     check_valid(valid, (q.shape[0], q.shape[2]), q.device, num_prefix)
+    check_unit(unit, q.shape[2] - num_prefix, valid, num_prefix)
     if isinstance(scale, torch.SymFloat) or (scale is not None and torch.compiler.is_compiling()):
         return  # torch.compile(dynamic=True) traces a module's float attribute as symbolic: no value to check
     if scale is not None and (

@@ -87,7 +87,8 @@ def test_flop_bound_matches_torch_flop_counter(config, monkeypatch):
     from pruneattn import reference as R
     from pruneattn.ops import AttentionStats
 
-    def eager_stats(q, k, v, *, stat, query, num_prefix, scale, valid=None):  # plain torch ops: the counter sees them
+    def eager_stats(q, k, v, *, stat, query, num_prefix, scale, valid=None, unit=1):  # plain torch ops: counted
+        assert valid is None and unit == 1
         attn = R.attention_probs(q, k, scale)
         a = R.received_attention(attn, query)[:, :, num_prefix:]
         return AttentionStats(attn @ v, R.head_statistic(a, stat).float(), a.mean(dim=1).float())

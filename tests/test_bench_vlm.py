@@ -92,7 +92,7 @@ def test_flop_count_matches_a_hand_count():
     assert F.prefill_flops(s) == embed + 3 * block(16, 16) + 16 * 2 * 64 * 32 + lm1(22, 22) + logits
 
 
-def _eager_stats(q, k, v, *, stat, query, num_prefix, scale, valid=None):
+def _eager_stats(q, k, v, *, stat, query, num_prefix, scale, valid=None, unit=1):
     """pruneattn's attention op in plain torch ops, so that torch's FLOP counter sees Q K^T and P V."""
     from pruneattn import reference as R
     from pruneattn.ops import AttentionStats

@@ -36,21 +36,24 @@ def _bnhd(out: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("pruneattn::attention_stats", mutates_args=())
 def _attention_stats_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, unit: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     run = implementation("attention_stats", q.device)
-    out, scores, head_mean = run(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid)
+    kwargs = {} if unit == 1 else {"unit": unit}
+    out, scores, head_mean = run(
+        q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid, **kwargs
+    )
     return _bnhd(out), scores, head_mean
 
 
 @_attention_stats_op.register_fake
 def _(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stat: str, query: str, num_prefix: int, scale: float,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, unit: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     out = q.new_empty((B, N, H, D)).transpose(1, 2)
-    scores = q.new_empty((B, N - num_prefix), dtype=torch.float32)
+    scores = q.new_empty((B, (N - num_prefix) // unit), dtype=torch.float32)
     return out, scores, torch.empty_like(scores)
 
 
@@ -90,7 +93,7 @@ def _differentiable_backward(
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, _stat, _query, _num_prefix, scale, valid = inputs
+    q, k, v, _stat, _query, _num_prefix, scale, valid, _unit = inputs
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(q, k, v, valid)
     ctx.scale = scale
@@ -99,12 +102,12 @@ def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _backward(ctx: Any, grad_out: torch.Tensor | None, _grad_scores: Any, _grad_head_mean: Any) -> tuple:
     q, k, v, valid = ctx.saved_tensors
     if grad_out is None:
-        return (None,) * 8
+        return (None,) * 9
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradient needs a graph itself
         dq, dk, dv = _differentiable_backward(grad_out, q, k, v, ctx.scale, valid)
     else:
         dq, dk, dv = _sdpa_backward(grad_out, q, k, v, ctx.scale, valid)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_stats_op.register_autograd(_backward, setup_context=_setup)
@@ -120,15 +123,26 @@ def attention_stats(
     num_prefix: int = 1,
     scale: float | None = None,
     valid: torch.Tensor | None = None,
+    unit: int = 1,
 ) -> AttentionStats:
     """Attention output, patch scores and head-mean received attention (the fuse weights).
 
     Like :func:`attention_scores`, plus ``head_mean`` (B, N - num_prefix) float32: the received
     attention of each patch averaged over heads (the class token's for ``query="cls"``); 0 at padding.
+
+    ``unit``: score merged tokens instead of patches (Qwen2.5-VL's tower merges each run of 4
+    consecutive tokens into one language-model token): the patches after the prefix form runs of
+    ``unit``, each run's received attention is summed per head, and its score is the statistic over
+    heads of that sum. ``scores`` and ``head_mean`` are then (B, (N - num_prefix) / unit); under a
+    padding mask a unit is all real or all padding.
     """
-    check_attention_inputs(q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid)
+    check_attention_inputs(
+        q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid, unit=unit
+    )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return AttentionStats(*torch.ops.pruneattn.attention_stats(q, k, v, stat, query, num_prefix, scale, valid))
+    return AttentionStats(
+        *torch.ops.pruneattn.attention_stats(q, k, v, stat, query, num_prefix, scale, valid, int(unit))
+    )
 
 
 def attention_scores(

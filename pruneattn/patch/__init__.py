@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pruneattn.patch import registry
-from pruneattn.patch.positions import compose
+from pruneattn.patch.positions import ascending, compose
 from pruneattn.patch.state import BlockConfig, Exported, ForwardFailed, Plan, ScoreHook
 from pruneattn.patch.swap import is_swapped, original_class, restore, swap
 from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate, kept_of_rate
@@ -72,6 +72,15 @@ def default_layers(depth: int) -> tuple[int, ...]:
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     return tuple(sorted({min(depth - 1, int(depth * f + 0.5)) for f in (0.25, 0.5, 0.75)}))
+
+
+def default_full_attention_layers(depth: int, full: Sequence[int]) -> tuple[int, ...]:
+    """The default pruning blocks of a tower that attends within windows except in its ``full`` blocks:
+    for each of :func:`default_layers`, the nearest full-attention block (the earlier one on a tie),
+    e.g. (7, 15, 23) for Qwen2.5-VL's 32 blocks with full attention in 7, 15, 23 and 31."""
+    if not full:
+        raise ValueError("this model has no full-attention block to prune in")
+    return tuple(sorted({min(full, key=lambda f: (abs(f - i), f)) for i in default_layers(depth)}))
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,7 @@ class EncoderPatch:
                 layer, amount.keep_rate, self.stat, self.query, self.mode, num_prefix, fused_in=fused, plan=plan,
                 shape=self.shapes[layer], reader=reader, score_hook=self.score_hook, tokens=amount.tokens,
                 padded=self.family.padding is not None or self.family.packed is not None,
+                unit=registry.unit_of(self.family, self.encoder),
             )
             fused = fused or (self.mode == "fuse" and amount.selects)
         adapter.attach(self.family, self.encoder, plan)
@@ -182,9 +192,19 @@ def check_encoder(
     check_choice("stat", stat, STATS)
     check_choice("query", query, QUERIES)
     check_choice("mode", mode, MODES)
-    chosen = _layers(default_layers(len(blocks)) if layers is None else layers, len(blocks))
+    full = registry.full_attention_blocks(family, encoder)
+    if layers is None:
+        layers = default_layers(len(blocks)) if full is None else default_full_attention_layers(len(blocks), full)
+    chosen = _layers(layers, len(blocks))
     per_layer = amounts(keep_rate, tokens, len(chosen))
-    if mode == "fuse" and family.packed is not None:
+    if full is not None:
+        windowed = [i for i in chosen if i not in full]
+        if windowed:
+            raise ValueError(
+                f"layers {windowed} of this {type(model).__name__} attend within windows, where a patch's score "
+                f"would see its window only; prune in its full-attention blocks {list(full)}"
+            )
+    if mode == "fuse" and (family.packed is not None or family.windows is not None):
         raise ValueError(
             f"mode='fuse' is not available for {type(model).__name__}: its images are packed in one sequence, "
             "where a fused token per image would have no place between them; use mode='drop'"
@@ -272,7 +292,8 @@ def unpatch(model: nn.Module) -> nn.Module:
             restore(m)
         for handle in m.__dict__.pop("_pruneattn_hooks", ()):
             handle.remove()
-        for name in ("_pruneattn", "_pruneattn_plan", "_pruneattn_prompt", "_pruneattn_base", "_pruneattn_follow"):
+        for name in ("_pruneattn", "_pruneattn_plan", "_pruneattn_prompt", "_pruneattn_base", "_pruneattn_follow",
+                     "_pruneattn_windowed"):
             m.__dict__.pop(name, None)
     return model
 
@@ -295,7 +316,8 @@ def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
     some). Composed on the device, no host sync. For a vision-language model the rows are its images, in
     batch order (``B`` is the number of images), indexing each image's own patch grid. For images of
     different sizes in one batch (padded or packed encoders) each row lists its image's kept patches
-    first and is padded with -1 up to the batch's widest image.
+    first and is padded with -1 up to the batch's widest image. For a tower that merges units
+    (Qwen2.5-VL's), the entries are the kept merged units, indices into each image's raster grid of units.
 
     Raises RuntimeError if no forward call has finished since patching, if the last one raised, or if
     the model was last traced by ``torch.export`` (an exported program leaves no indices behind);
@@ -330,4 +352,6 @@ def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
     for layer in sorted(state.kept):
         idx = state.kept[layer]
         out[layer] = prev = compose(prev, idx)
+    if state.sort_kept:
+        out = {layer: ascending(idx) for layer, idx in out.items()}
     return out

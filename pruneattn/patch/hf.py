@@ -21,6 +21,8 @@ Packed encoders (Pixtral: the images of a batch in ONE sequence, a block-diagona
 apart): the unpatched layers run packed, as in the unpatched model; each pruning layer gets the
 images unpacked into a padded batch (and their rotary tables per image), prunes each image on its own,
 and the kept tokens are packed again, with their tables, for the layers after it.
+
+Window-attention towers that merge units (Qwen2.5-VL's vision tower) are :mod:`pruneattn.patch.windowed`.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from torch import nn
 
 from pruneattn.ops import split_qkv
 from pruneattn.patch.blocks import BlockShape, PrunedSequential, key_mask
+from pruneattn.patch.packing import pack, unpack
 from pruneattn.patch.positions import compose, gather_rows
+from pruneattn.patch import registry, windowed
 from pruneattn.patch.registry import Family, HFAttention, attribute, blocks_of
 from pruneattn.patch.state import Plan, begin, current, end
 from pruneattn.patch.swap import Swapped, swap
@@ -74,12 +78,15 @@ class HFReader:
     def heads(self, att: nn.Module, x: torch.Tensor, rope: torch.Tensor | None):
         B, N, _ = x.shape
         if self.names.qkv is not None:
-            return split_qkv(getattr(att, self.names.qkv)(x), att.num_heads)
-        q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
-        if self.names.qk_norm is not None:
-            q, k = (getattr(att, n)(t) for n, t in zip(self.names.qk_norm, (q, k)))
-        q, k, v = (t.view(B, N, -1, att.head_dim).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:
+            q, k, v = split_qkv(getattr(att, self.names.qkv)(x), att.num_heads)
+        else:
+            q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
+            if self.names.qk_norm is not None:
+                q, k = (getattr(att, n)(t) for n, t in zip(self.names.qk_norm, (q, k)))
+            q, k, v = (t.view(B, N, -1, att.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rope is not None and self.names.rotary_float32:  # as the model rotates: in float32, whatever the dtype
+            q, k = (rotate_patches(t.float(), rope).to(t.dtype) for t in (q, k))
+        elif rope is not None:
             q, k = rotate_patches(q, rope), rotate_patches(k, rope)
         return q, k, v
 
@@ -150,21 +157,6 @@ def _begin_packed_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
         sizes = sizes.tolist()
     p = encoder.patch_size
     state.lengths = [(int(h) // p) * (int(w) // p) for h, w in sizes]
-
-
-def unpack(t: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``t`` (T, ...) packed image after image -> (B, max length, ...) padded with zeros, and the
-    (B, max length) mask of the real rows."""
-    B, width = len(lengths), max(lengths)
-    valid = torch.arange(width, device=t.device)[None, :] < torch.tensor(lengths, device=t.device)[:, None]
-    out = t.new_zeros((B, width, *t.shape[1:]))
-    out[valid] = t
-    return out, valid
-
-
-def pack(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The real rows of ``t`` (B, N, ...) under ``valid`` (B, N), image after image: (T', ...)."""
-    return t[valid]
 
 
 class PacksPerImage(Swapped):
@@ -329,11 +321,16 @@ class HFAdapter:
         return HFReader(family.attention)
 
     def pruned_block(self, shape: BlockShape, family: Family) -> type:
+        if family.windows is not None:
+            return windowed.PrunedWindowed
         return PrunedSequential if family.padding is None and family.packed is None else PrunedPadded
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Forward hooks open and close each call's state: swapping the class of a transformers model
         would change the class name that transformers keys its output recording (and saved configs) on."""
+        if family.windows is not None:
+            windowed.attach(family, encoder, plan, registry.unit_of(family, encoder))
+            return
         encoder._pruneattn_plan = plan
         begin_call = _begin_call if family.padding is None else _begin_padded_call
         if family.packed is not None:

@@ -24,6 +24,13 @@ def compose(pos: torch.Tensor | None, kept_idx: torch.Tensor) -> torch.Tensor:
     return pos.gather(1, kept_idx.clamp(min=0)).masked_fill(kept_idx < 0, -1)
 
 
+def ascending(pos: torch.Tensor) -> torch.Tensor:
+    """Each row of ``pos`` (B, k) sorted ascending, its padding slots (-1) last."""
+    top = torch.iinfo(pos.dtype).max
+    srt = torch.where(pos < 0, top, pos).sort(dim=1).values
+    return srt.masked_fill(srt == top, -1)
+
+
 def rotary_table(table: torch.Tensor, pos: torch.Tensor | None, fused: bool) -> torch.Tensor:
     """The rotary table for the current tokens: ``table`` as built for the full grid, either (P, D),
     (heads, P, D) or already per image (B, 1 or heads, P, D), gathered at ``pos`` into

@@ -66,7 +66,7 @@ def attention(
         empty = q.new_empty((B, N - cfg.num_prefix), dtype=torch.float32)
         return AttentionStats(F.scaled_dot_product_attention(q, k, v, scale=scale), empty, empty)
     return attention_stats(
-        q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale, valid=valid
+        q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale, valid=valid, unit=cfg.unit
     )
 
 

@@ -33,6 +33,7 @@ class HFAttention:
     qkv: str | None = None  # one fused q / k / v projection (BLIP-2); None: q_proj / k_proj / v_proj
     qk_norm: tuple[str, str] | None = None  # norms of q and k over all heads, before the split (InternVL)
     out_dropout: str | None = None  # a dropout after the output projection
+    rotary_float32: bool = False  # the model rotates q and k in float32 whatever their dtype (Qwen2.5-VL)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class Family:
     pool_mask: str | None = None  # attribute path of a pooling head that takes (tokens, padding mask)
     packed: str | None = None  # attribute path of the module that runs the blocks on images packed in one
     # sequence (Pixtral): the pruning blocks run on them padded per image instead
+    windows: str | None = None  # attribute path of the encoder's list of full-attention blocks: the others
+    # attend within windows, and only these can score (Qwen2.5-VL's tower, :mod:`pruneattn.patch.windowed`)
+    unit_from: str | None = None  # attribute path of the encoder's tokens per merged unit (scored, kept whole)
 
 
 def attribute(obj: object, path: str) -> object:
@@ -68,6 +72,16 @@ def attribute(obj: object, path: str) -> object:
 def blocks_of(family: Family, encoder: nn.Module) -> list[nn.Module]:
     """The encoder's blocks, in order."""
     return list(attribute(encoder, family.layers))
+
+
+def unit_of(family: Family, encoder: nn.Module) -> int:
+    """Patches per selection unit: 1, or the tokens the encoder merges into one (kept or dropped whole)."""
+    return 1 if family.unit_from is None else int(attribute(encoder, family.unit_from))
+
+
+def full_attention_blocks(family: Family, encoder: nn.Module) -> tuple[int, ...] | None:
+    """The blocks that attend over each whole image (the only ones that can score), or None: all do."""
+    return None if family.windows is None else tuple(int(i) for i in attribute(encoder, family.windows))
 
 
 def num_prefix(family: Family, encoder: nn.Module) -> int:
@@ -285,6 +299,18 @@ FAMILIES: tuple[Family, ...] = (
         layers="encoder.layers", encoder=("Idefics3VisionTransformer", "SmolVLMVisionTransformer"), prefix=0,
         class_token=False, attention=_HF_CLIP, padding="patch_attention_mask",
     ),
+    Family(
+        "Hugging Face Qwen2.5-VL vision", "transformers", ("Qwen2_5_VisionTransformerPretrainedModel",),
+        "the vision tower of Qwen/Qwen2.5-VL-* (images of any size packed in one sequence; pruned per image in "
+        "its full-attention blocks only, whole 2 x 2 merged units, k per image; the window attention after them "
+        "runs over the kept tokens; `pooler_output` holds the kept merged units; no class token: query='mean'; "
+        "mode='drop')",
+        (Sequential("Qwen2_5_VLVisionBlock", Residual("attn", norm="norm1"), Residual("mlp", norm="norm2")),),
+        layers="blocks", encoder=("Qwen2_5_VisionTransformerPretrainedModel",), prefix=0, class_token=False,
+        attention=HFAttention(out="proj", scale="scaling", dropout="attention_dropout", qkv="qkv",
+                              rotary_float32=True),
+        windows="fullatt_block_indexes", unit_from="spatial_merge_unit",
+    ),
 )
 
 
@@ -333,9 +359,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("transformers", "Siglip2ForImageClassification"): "its classifier averages the encoder output with the "
     "input's padding mask outside the encoder, so it needs every patch; patch its Siglip2VisionModel "
     "(model.vision_model) for features",
-    ("transformers", "Qwen2_5_VisionTransformerPretrainedModel"): "most of its blocks attend within windows, "
-    "its images are packed into one sequence, and its merger needs whole 2 x 2 units, which pruneattn does "
-    "not prune",
     ("transformers", "BeitModel"): _REL_POS,
     ("transformers", "Data2VecVisionModel"): _REL_POS,
     ("transformers", "ViTMAEForPreTraining"): "its decoder puts every patch of the grid back in place and "

@@ -47,6 +47,7 @@ class BlockConfig:
     score_hook: ScoreHook | None = field(default=None, repr=False)
     tokens: int | None = None  # keep exactly this many patches (instead of keep_rate)
     padded: bool = False  # the block's attention mask is a padding mask (images of different sizes)
+    unit: int = 1  # patches per selection unit (merged tokens, scored and kept whole)
 
     @property
     def selects(self) -> bool:
@@ -66,7 +67,18 @@ class ForwardState:
     caller_mask: bool = False  # the caller passed an attention mask (Hugging Face encoders)
     valid: torch.Tensor | None = None  # (B, N) padding mask of the tokens between blocks (padded encoders)
     lengths: list[int] | None = None  # tokens of each image packed in one sequence (packed encoders)
+    packed: PackedTokens | None = None  # where the remaining tokens sit (window-attention towers)
+    sort_kept: bool = False  # kept_indices sorts each row (the blocks see the patches in another order)
     token: object = field(default=None, repr=False)  # restores the previous current state
+
+
+@dataclass(eq=False)
+class PackedTokens:
+    """Where the tokens that remain sit in a window-attention tower's packed input sequence."""
+
+    window_index: torch.Tensor  # (U,) raster index (among all units) of each unit, in packed order
+    rows: torch.Tensor | None = None  # (T',) input positions of the remaining tokens; None: all remain
+    rebuilt: dict = field(default_factory=dict)  # boundaries and rotary tables rebuilt for them, per kind
 
 
 class ForwardFailed:

@@ -1,0 +1,209 @@
+"""Window-attention towers that merge units of tokens: Qwen2.5-VL's vision tower.
+
+The tower packs the patches of all its images (each frame of a video: one image) into one sequence,
+reordered so that each window of patches is contiguous; every run of ``unit`` (2 x 2 = 4)
+consecutive tokens is one unit that its merger joins into one language-model token. Most blocks
+attend within windows (``cu_window_seqlens``), a few over each whole image (``cu_seqlens``).
+
+- Pruning runs only in full-attention blocks: each image is unpacked from the sequence (padded to the
+  batch's largest image, with a padding mask), scored per unit (the statistic over heads of the unit's
+  summed received attention, ``query="mean"``), and keeps k = ceil(rate * units) whole units
+  (``tokens=k``: at most k); the kept tokens are packed again, in their order.
+- Every block after a pruning block gets, in ``__call__`` (before transformers' activation
+  checkpointing, so that a recompute sees the same), the boundaries rebuilt for the tokens that
+  remain: its images' or its windows' kept tokens (a window whose tokens were all dropped is gone),
+  and the rotary tables of the kept tokens.
+- The merger merges the kept units; the tower's output puts them back in raster order per image, so
+  ``pooler_output`` holds the kept units of each image in raster order, images one after the other;
+  ``last_hidden_state`` holds the kept tokens in the tower's window order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruneattn.patch.blocks import attend
+from pruneattn.patch.packing import unpack
+from pruneattn.patch.prune import check_traceable
+from pruneattn.patch.registry import Family, attribute, blocks_of
+from pruneattn.patch.state import PackedTokens, Plan, begin, current, end
+from pruneattn.patch.swap import Swapped, swap
+from pruneattn.ops import select_per_image, valid_after
+from pruneattn.validate import kept_per_image
+
+
+def rebuilt_bounds(bounds: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Segment boundaries for the tokens at ``rows`` (ascending positions in the sequence that
+    ``bounds`` (S + 1,) cuts into segments): each segment keeps its tokens among them; segments left
+    empty are dropped. Returns the new boundaries (bounds' dtype) and the longest segment."""
+    segment = torch.bucketize(rows, bounds[1:].to(rows.dtype), right=True)
+    counts = torch.bincount(segment, minlength=bounds.numel() - 1)
+    counts = counts[counts > 0]
+    return F.pad(counts.cumsum(0), (1, 0)).to(bounds.dtype), int(counts.max())
+
+
+class FollowsKeptUnits(Swapped):
+    """Swapped into every block after the first pruning block: its boundaries (``cu_seqlens``, of its
+    images or of its windows, as the tower passes them) and its rotary tables are rebuilt for the tokens
+    that remain, once per pruning step and kind of boundary (the call's state keeps them)."""
+
+    keeps_name = True
+    _pruneattn_plan: Plan
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        state = current(self._pruneattn_plan)
+        packed = None if state is None else state.packed
+        if packed is not None and packed.rows is not None and "cu_seqlens" in kwargs:
+            bounds = kwargs["cu_seqlens"]
+            # The images' and the windows' boundaries differ in count unless they are the same tensor.
+            key = bounds.numel()
+            if key not in packed.rebuilt:
+                new_bounds, longest = rebuilt_bounds(bounds, packed.rows)
+                cos, sin = kwargs["position_embeddings"]
+                packed.rebuilt[key] = (new_bounds, longest, (cos[packed.rows], sin[packed.rows]))
+            new_bounds, longest, tables = packed.rebuilt[key]
+            kwargs["cu_seqlens"], kwargs["position_embeddings"] = new_bounds, tables
+            if kwargs.get("max_seqlen") is not None:
+                kwargs["max_seqlen"] = longest
+        return super().__call__(hidden_states, *args, **kwargs)
+
+
+class PrunedWindowed(FollowsKeptUnits):
+    """A pruning (full-attention) block of a window-attention tower: per image, whole units."""
+
+    keeps_name = False
+
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        check_traceable(hidden_states)
+        cfg = self._pruneattn
+        g = cfg.unit
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # one host read per pruning block
+        x, valid = unpack(hidden_states, lengths)
+        cos, sin = (unpack(t, lengths)[0][:, None] for t in position_embeddings)
+        y, stats = attend(cfg, cfg.reader, self.attn, self.norm1(x), (cos, sin), valid)
+        x = x + y
+        B, N, C = x.shape
+        units = valid[:, ::g]
+        if cfg.selects:
+            rate = cfg.keep_rate if cfg.tokens is None else None
+            counts = kept_per_image(units, 0, keep_rate=rate, k=cfg.tokens)
+            x, kept = select_per_image(x.view(B, N // g, g * C), stats.scores, counts, num_prefix=0,
+                                       fuse_weights=None, valid=units)
+            x = x.view(B, -1, C)
+        else:
+            kept = torch.arange(N // g, device=x.device).expand(B, -1).masked_fill(~units, -1)
+        tokens = valid_after(units, kept, 0).repeat_interleave(g, dim=1)
+        # where each kept token sat in this block's input sequence
+        starts = cu_seqlens[:-1].long()[:, None] + g * kept.clamp(min=0)
+        rows = (starts[:, :, None] + torch.arange(g, device=x.device)).view(B, -1)[tokens]
+        x = x[tokens]
+        state = current(cfg.plan)
+        if state is not None and state.packed is not None:
+            state.kept[cfg.layer] = kept
+            packed = state.packed
+            packed.rows, packed.rebuilt = rows if packed.rows is None else packed.rows[rows], {}
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass(frozen=True)
+class Windowed:
+    """What the hooks of a patched window-attention tower need."""
+
+    plan: Plan
+    unit: int
+
+
+def window_order(tower: nn.Module, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The tower's window index: for each unit in the packed (window) order, its raster index among all
+    units (images one after the other). The one the caller passed precomputed, if any."""
+    given = kwargs.get("window_index")
+    if given is not None:
+        return given
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
+        patch_size=tower.patch_size,
+    )
+    return index.to(grid_thw.device)
+
+
+def _units_per_image(grid_thw: torch.Tensor, unit: int) -> list[int]:
+    """Units of each image (each frame of a video is one), in packed order."""
+    return [int(h) * int(w) // unit for t, h, w in grid_thw.tolist() for _ in range(int(t))]
+
+
+def _begin(tower: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Open a call: the raster position of every unit of each image, in the order the blocks see them
+    (``kept_indices`` index each image's raster grid of units)."""
+    how: Windowed = tower._pruneattn_windowed
+    state = begin(how.plan)
+    grid = args[1] if len(args) > 1 else kwargs["grid_thw"]
+    order = window_order(tower, grid, kwargs)
+    sizes = _units_per_image(grid, how.unit)
+    origin = torch.full((len(sizes), max(sizes)), -1, dtype=torch.int64, device=order.device)
+    start = 0
+    for i, n in enumerate(sizes):
+        origin[i, :n] = order[start : start + n] - start
+        start += n
+    state.origin, state.sort_kept = origin, True
+    state.packed = PackedTokens(order)
+
+
+def _merged_in_place(merger: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of the merger: its rows (kept units, packed order) go back to their units' places
+    among all units (zeros elsewhere), so that the tower's own reordering to raster order holds."""
+    how: Windowed = merger._pruneattn_windowed
+    state = current(how.plan)
+    if state is None or state.packed is None or state.packed.rows is None:
+        return None
+    packed = state.packed
+    full = output.new_zeros((packed.window_index.numel(), output.shape[-1]))
+    return full.index_copy_(0, packed.rows[:: how.unit] // how.unit, output)
+
+
+def _end(tower: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    """Close the call: ``pooler_output`` keeps the merged rows of the kept units (raster order)."""
+    how: Windowed = tower._pruneattn_windowed
+    state = current(how.plan)
+    if state is None:
+        return None
+    try:
+        packed = state.packed
+        if output is not None and packed is not None and packed.rows is not None:
+            output = _keep_units(packed, how.unit, output)
+    finally:
+        end(state, output is not None)
+    return output
+
+
+def _keep_units(packed: PackedTokens, unit: int, output: object) -> object:
+    """``output`` with the rows of its ``pooler_output`` (all units, raster order) cut to the kept units."""
+    order = packed.window_index
+    kept = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
+    kept[order[packed.rows[::unit] // unit]] = True
+    if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooler_output, ...)
+        return (output[0], output[1][kept], *output[2:])
+    output["pooler_output"] = output["pooler_output"][kept]
+    return output
+
+
+def attach(family: Family, tower: nn.Module, plan: Plan, unit: int) -> None:
+    """Hook the tower's calls, its merger and every block after the first pruning block."""
+    how = Windowed(plan, unit)
+    tower._pruneattn_plan = plan
+    tower._pruneattn_windowed = how
+    merger = attribute(tower, "merger")
+    merger._pruneattn_plan, merger._pruneattn_windowed = plan, how
+    tower._pruneattn_hooks = (
+        tower.register_forward_pre_hook(_begin, with_kwargs=True),
+        tower.register_forward_hook(_end, with_kwargs=True, always_call=True),
+    )
+    merger._pruneattn_hooks = (merger.register_forward_hook(_merged_in_place),)
+    for i, block in enumerate(blocks_of(family, tower)):
+        block._pruneattn_plan = plan
+        if i > plan.layers[0] and i not in plan.layers:
+            swap(block, FollowsKeptUnits)

@@ -228,3 +228,25 @@ def test_checks_and_summary_judge_each_target():
     s = {x["target"]: x for x in V.summary(V.checks(rows))}
     assert s[V.VERDICT_TEXT["over_eager_ok"]]["met"] == "1 of 2"
     assert s[V.VERDICT_TEXT["over_eager_ok"]]["missed"] == "m b1 pruneattn drop 128"
+
+
+def test_qwen_suite_plumbing(tmp_path):
+    """``pruneattn bench --vlm-qwen --smoke``: every configuration and batch has a row; pruneattn and the
+    eager last block keep the same units; the image tokens the language model reads follow the rate."""
+    import json
+
+    from pruneattn.bench import main
+
+    assert main(["--vlm-qwen", "--smoke", "--no-progress", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "vlm_qwen.json").read_text())
+    rows = {(r["batch"], r["config"]): r for r in res["rows"]}
+    configs = ["unpatched", "pruneattn 0.25", "pruneattn 0.125", "eager last block 0.25", "eager last block 0.125"]
+    assert sorted(rows) == sorted((b, c) for b in (1, 2) for c in configs)
+    assert [rows[1, c]["image_tokens_to_lm"] for c in configs] == [256, 64, 32, 64, 32]
+    assert [rows[2, c]["image_tokens_to_lm"] for c in configs] == [640, 160, 80, 160, 80]
+    for b in (1, 2):
+        assert rows[b, "unpatched"]["ttft_flop_bound"] == 1.0
+        for c in configs[1:]:
+            assert rows[b, c]["same_kept_as_eager"] is True
+            assert rows[b, c]["ttft_flop_bound"] > 1.0 and rows[b, c]["ttft_ms"] > 0
+    assert res["smoke"] is True and "Qwen2.5-VL" in (tmp_path / "vlm_qwen.md").read_text()

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL's vision tower: images of any size packed in one sequence, window attention, 2 x 2 units.
+"""Qwen2.5-VL's and Qwen2-VL's vision towers: images of any size packed in one sequence, 2 x 2 units,
+window attention (Qwen2.5-VL).
 
 The truth is each image (each frame of a video) run ALONE through an eager pruned forward written
 here: its tokens in the tower's window order, plain softmax attention with an explicit mask (same
@@ -28,15 +29,24 @@ PATCH, TEMPORAL, MERGE = 4, 2, 2
 GRIDS = [(1, 8, 12), (1, 6, 4), (2, 4, 6), (1, 2, 2)]  # two windows across, a small image, a video, one unit
 
 
-def _tower(dtype=torch.float64, depth=5, full=(1, 3), heads=4, width=64, attn="sdpa"):
+def _tower(dtype=torch.float64, depth=5, full=(1, 3), heads=4, width=64, attn="sdpa", kind="qwen2.5-vl"):
     torch.manual_seed(0)
-    cfg = Qwen2_5_VLVisionConfig(
-        depth=depth, hidden_size=width, num_heads=heads, intermediate_size=96, out_hidden_size=48, patch_size=PATCH,
-        window_size=4 * PATCH * MERGE // 2, fullatt_block_indexes=list(full), temporal_patch_size=TEMPORAL,
-        spatial_merge_size=MERGE,
-    )
-    cfg._attn_implementation = attn
-    tower = Tower(cfg).eval().to(dtype)
+    if kind == "qwen2-vl":  # no windows, LayerNorm, every block attends over the whole image
+        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        cfg = Qwen2VLVisionConfig(depth=depth, embed_dim=width, hidden_size=48, num_heads=heads, mlp_ratio=2,
+                                  patch_size=PATCH, temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE)
+        cfg._attn_implementation = attn
+        tower = Qwen2VisionTransformerPretrainedModel(cfg).eval().to(dtype)
+    else:
+        cfg = Qwen2_5_VLVisionConfig(
+            depth=depth, hidden_size=width, num_heads=heads, intermediate_size=96, out_hidden_size=48,
+            patch_size=PATCH, window_size=4 * PATCH * MERGE // 2, fullatt_block_indexes=list(full),
+            temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE,
+        )
+        cfg._attn_implementation = attn
+        tower = Tower(cfg).eval().to(dtype)
     with torch.no_grad():
         for block in tower.blocks:
             block.attn.qkv.weight[: 2 * width].mul_(3.0)  # q and k rows: scores that differ
@@ -58,9 +68,14 @@ def _eager_image(tower, pixels, grid, rates, stat="var"):
     """One image (grid (1, h, w)) alone. Returns its merged kept units (raster order) and
     {block: kept units, raster indices}."""
     grid = torch.tensor([grid])
-    window_index, cu_windows = get_vision_window_index(grid, MERGE, tower.window_size, PATCH)
     unit = MERGE * MERGE
     T = pixels.shape[0]
+    windows = getattr(tower, "window_size", None) is not None
+    if windows:
+        window_index, cu_windows = get_vision_window_index(grid, MERGE, tower.window_size, PATCH)
+        full = tower.fullatt_block_indexes
+    else:  # units in raster order, one "window": the image
+        window_index, cu_windows, full = torch.arange(T // unit), torch.tensor([0, T]), range(len(tower.blocks))
     x = tower.patch_embed(pixels).view(T // unit, unit, -1)[window_index].reshape(T, -1)
     cos, sin = tower.rotary_pos_emb(x, get_vision_position_ids(grid, MERGE))
     cos, sin = (t.view(T // unit, unit, -1)[window_index].reshape(T, -1) for t in (cos, sin))
@@ -75,7 +90,7 @@ def _eager_image(tower, pixels, grid, rates, stat="var"):
         c, s = cos[rows].float(), sin[rows].float()  # the model rotates in float32, whatever its dtype
         q, k = ((t.float() * c + _rotate_half(t.float()) * s).to(t.dtype) for t in (q, k))
         logits = q @ k.transpose(-1, -2) * a.scaling
-        if i not in tower.fullatt_block_indexes:
+        if i not in full:
             same = window_of[rows][:, None] == window_of[rows][None, :]
             logits = logits.masked_fill(~same, float("-inf"))
         attn = torch.softmax(logits, dim=-1)
@@ -117,9 +132,10 @@ def _padded(rows):
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
 
 
+@pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen2-vl"])
 @pytest.mark.parametrize("layers, rate", [([1], 0.5), ([1, 3], 0.6), ([3], 0.3)])
-def test_pruned_tower_equals_each_image_alone(layers, rate, cpu_backend):
-    tower = _tower()
+def test_pruned_tower_equals_each_image_alone(layers, rate, kind, cpu_backend):
+    tower = _tower(kind=kind)
     pixels, grid = _pixels(GRIDS)
     want, kept = _truth(tower, pixels, GRIDS, {i: rate for i in layers})
     pruneattn.patch(tower, keep_rate=rate, layers=layers)
@@ -133,8 +149,9 @@ def test_pruned_tower_equals_each_image_alone(layers, rate, cpu_backend):
     assert got.last_hidden_state.shape[0] == 4 * want.shape[0]
 
 
-def test_keep_all_equals_unpatched(cpu_backend):
-    tower = _tower()
+@pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen2-vl"])
+def test_keep_all_equals_unpatched(kind, cpu_backend):
+    tower = _tower(kind=kind)
     pixels, grid = _pixels(GRIDS)
     with torch.no_grad():
         ref = tower(pixels, grid_thw=grid, output_hidden_states=True)
@@ -198,8 +215,9 @@ def test_return_dict_false_and_checkpointed_training(cpu_backend):
 
 
 def test_tower_under_the_triton_interpreter(device):
-    model = _tower(torch.float32)
-    reference = _tower(torch.float64)
+    # head dim 80, as the real tower's 16 heads of 80
+    model = _tower(torch.float32, width=160, heads=2)
+    reference = _tower(torch.float64, width=160, heads=2)
     pixels, grid = _pixels(GRIDS, dtype=torch.float32)
     with torch.no_grad():
         pruneattn.patch(model, keep_rate=0.5, layers=[1, 3])

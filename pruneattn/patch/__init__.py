@@ -204,7 +204,7 @@ def check_encoder(
                 f"layers {windowed} of this {type(model).__name__} attend within windows, where a patch's score "
                 f"would see its window only; prune in its full-attention blocks {list(full)}"
             )
-    if mode == "fuse" and (family.packed is not None or family.windows is not None):
+    if mode == "fuse" and (family.packed is not None or family.merge_from is not None):
         raise ValueError(
             f"mode='fuse' is not available for {type(model).__name__}: its images are packed in one sequence, "
             "where a fused token per image would have no place between them; use mode='drop'"
@@ -248,8 +248,9 @@ def patch(
     Args:
         model: a model of one of the families in :mod:`pruneattn.patch.registry` (timm
             ``VisionTransformer`` / ``Eva``, Hugging Face ViT / DeiT / CLIP / SigLIP / DINOv2, and their
-            subclasses), or a vision-language model listed there (LLaVA, PaliGemma: the image tokens its
-            language model reads are pruned in the vision tower, see :mod:`pruneattn.patch.vlm`); anything
+            subclasses), or a vision-language model listed there (LLaVA, PaliGemma, Qwen2-VL, Qwen2.5-VL:
+            the image tokens its language model reads are pruned in the vision tower, see
+            :mod:`pruneattn.patch.vlm` and :mod:`pruneattn.patch.vlm_merged`); anything
             else raises TypeError naming its class (and why, where known).
         keep_rate: fraction of the patches each pruning block keeps (k = ceil(rate * P)), one number
             or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).

@@ -22,7 +22,8 @@ apart): the unpatched layers run packed, as in the unpatched model; each pruning
 images unpacked into a padded batch (and their rotary tables per image), prunes each image on its own,
 and the kept tokens are packed again, with their tables, for the layers after it.
 
-Window-attention towers that merge units (Qwen2.5-VL's vision tower) are :mod:`pruneattn.patch.windowed`.
+Towers that merge units of patches (Qwen2-VL's, Qwen2.5-VL's with its window attention) are
+:mod:`pruneattn.patch.windowed`.
 """
 from __future__ import annotations
 
@@ -321,14 +322,14 @@ class HFAdapter:
         return HFReader(family.attention)
 
     def pruned_block(self, shape: BlockShape, family: Family) -> type:
-        if family.windows is not None:
+        if family.merge_from is not None:
             return windowed.PrunedWindowed
         return PrunedSequential if family.padding is None and family.packed is None else PrunedPadded
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Forward hooks open and close each call's state: swapping the class of a transformers model
         would change the class name that transformers keys its output recording (and saved configs) on."""
-        if family.windows is not None:
+        if family.merge_from is not None:
             windowed.attach(family, encoder, plan, registry.unit_of(family, encoder))
             return
         encoder._pruneattn_plan = plan

@@ -2,7 +2,8 @@
 the number of tokens its pruned tower output has, as if the processor had inserted that many.
 
 The caller's prompt holds ``full`` placeholders per image (the processor's count). In each image, the
-first ``kept`` placeholders stay and the rest go; every other token stays, in order. Several prompts
+first ``kept`` placeholders stay and the rest go (:func:`shorten`), or the placeholders of the kept
+merged units stay (:func:`shorten_to`, Qwen2.5-VL); every other token stays, in order. Several prompts
 are then padded again as the processor would have padded them: the caller's padding goes, and each
 row is padded up to the longest shortened row, on the side the caller's attention mask pads (left
 where it pads no row, as generation needs). A single prompt keeps whatever padding it has.
@@ -51,32 +52,45 @@ def shorten(
     attention_mask: torch.Tensor | None,
 ) -> Shortening:
     """The shortening of prompts whose image placeholders are ``is_image`` (B, L) bool, ``full`` per image
-    of which ``kept`` stay, for ``num_images`` images in all.
+    of which the first ``kept`` stay, for ``num_images`` images in all (see :func:`shorten_to`)."""
+    rank = is_image.long().cumsum(1) - 1  # index of each placeholder among its row's placeholders
+    stays = ~is_image | (rank % full < kept)
+    return shorten_to(stays, attention_mask, is_image, num_images * full, num_images * (full - kept))
+
+
+def shorten_to(
+    stays: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_image: torch.Tensor,
+    placeholders: int,
+    removed_total: int,
+) -> Shortening:
+    """The shortening of prompts in which the caller positions ``stays`` (B, L) bool stay (every token but
+    the removed placeholders), the prompts holding ``is_image`` (B, L) placeholders, ``placeholders`` in
+    all, of which ``removed_total`` go.
 
     A single prompt is shortened without reading anything back from the device. For several prompts
     the row lengths (and the padding side) are read back once, since the shortened length depends on
-    how many images each prompt holds; a placeholder count that does not fit ``num_images`` images then
-    raises ValueError.
+    how many images each prompt holds; a placeholder count other than ``placeholders`` then raises
+    ValueError.
     """
-    B, L = is_image.shape
-    rank = is_image.long().cumsum(1) - 1  # index of each placeholder among its row's placeholders
-    placeholder_kept = ~is_image | (rank % full < kept)
-    keep, left = placeholder_kept, True
+    B, L = stays.shape
+    keep, left = stays, True
     if B == 1:
         count = keep.sum(1)
-        length, padded = L - num_images * (full - kept), False
+        length, padded = L - removed_total, False
     else:
-        pads_left = pads_right = torch.zeros((), dtype=torch.bool, device=is_image.device)
+        pads_left = pads_right = torch.zeros((), dtype=torch.bool, device=stays.device)
         if attention_mask is not None:
             keep = keep & (attention_mask != 0)  # the caller's padding goes; the rows are padded again
             pads_left, pads_right = (attention_mask[:, 0] == 0).any(), (attention_mask[:, -1] == 0).any()
         count = keep.sum(1)
         stats = torch.stack([count.max(), count.min(), is_image.sum(), pads_left.long(), pads_right.long()])
-        longest, shortest, placeholders, pads_left, pads_right = stats.tolist()  # the one read-back
-        if placeholders != num_images * full:
+        longest, shortest, found, pads_left, pads_right = stats.tolist()  # the one read-back
+        if found != placeholders:
             raise ValueError(
-                f"pruneattn: the prompts hold {placeholders} image placeholder tokens for {num_images} images of "
-                f"{full} tokens each; pass the processor's input_ids as they are"
+                f"pruneattn: the prompts hold {found} image placeholder tokens where their images make "
+                f"{placeholders}; pass the processor's input_ids as they are"
             )
         length, padded = longest, longest != shortest
         left = bool(pads_left) or not pads_right
@@ -84,8 +98,8 @@ def shorten(
     if left:
         dest = dest + (length - count).unsqueeze(1)
     dest = torch.where(keep, dest, length)  # removed tokens land in a spare column, cut below
-    positions = torch.arange(L, device=is_image.device).expand(B, L)
-    source = torch.zeros((B, length + 1), dtype=torch.long, device=is_image.device).scatter_(1, dest, positions)
-    real = torch.zeros((B, length + 1), dtype=torch.bool, device=is_image.device).scatter_(1, dest, keep)
-    removed = (~placeholder_kept).long()  # positions move back by the placeholders removed (not the padding)
+    positions = torch.arange(L, device=stays.device).expand(B, L)
+    source = torch.zeros((B, length + 1), dtype=torch.long, device=stays.device).scatter_(1, dest, positions)
+    real = torch.zeros((B, length + 1), dtype=torch.bool, device=stays.device).scatter_(1, dest, keep)
+    removed = (~stays).long()  # positions move back by the placeholders removed (not the padding)
     return Shortening(source[:, :length], real[:, :length], removed.cumsum(1) - removed, padded)

@@ -59,7 +59,8 @@ class Family:
     # sequence (Pixtral): the pruning blocks run on them padded per image instead
     windows: str | None = None  # attribute path of the encoder's list of full-attention blocks: the others
     # attend within windows, and only these can score (Qwen2.5-VL's tower, :mod:`pruneattn.patch.windowed`)
-    unit_from: str | None = None  # attribute path of the encoder's tokens per merged unit (scored, kept whole)
+    merge_from: str | None = None  # attribute path of the encoder's merge size m: its connector merges m x m
+    # patches into one token, so they are scored and kept as one unit (:mod:`pruneattn.patch.windowed`)
 
 
 def attribute(obj: object, path: str) -> object:
@@ -76,7 +77,7 @@ def blocks_of(family: Family, encoder: nn.Module) -> list[nn.Module]:
 
 def unit_of(family: Family, encoder: nn.Module) -> int:
     """Patches per selection unit: 1, or the tokens the encoder merges into one (kept or dropped whole)."""
-    return 1 if family.unit_from is None else int(attribute(encoder, family.unit_from))
+    return 1 if family.merge_from is None else int(attribute(encoder, family.merge_from)) ** 2
 
 
 def full_attention_blocks(family: Family, encoder: nn.Module) -> tuple[int, ...] | None:
@@ -124,6 +125,8 @@ _HF_CLIP = HFAttention(out="out_proj", scale="scale", dropout="dropout")
 _VIT_LAYER = (Residual("attention", norm="layernorm_before", after=("dropout",)),
               Residual("mlp", norm="layernorm_after", after=("dropout",)))
 _CLIP_LAYER = (Residual("self_attn", norm="layer_norm1"), Residual("mlp", norm="layer_norm2"))
+_QWEN_BLOCK = (Residual("attn", norm="norm1"), Residual("mlp", norm="norm2"))
+_QWEN_ATTENTION = HFAttention(out="proj", scale="scaling", dropout="attention_dropout", qkv="qkv", rotary_float32=True)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -305,11 +308,20 @@ FAMILIES: tuple[Family, ...] = (
         "its full-attention blocks only, whole 2 x 2 merged units, k per image; the window attention after them "
         "runs over the kept tokens; `pooler_output` holds the kept merged units; no class token: query='mean'; "
         "mode='drop')",
-        (Sequential("Qwen2_5_VLVisionBlock", Residual("attn", norm="norm1"), Residual("mlp", norm="norm2")),),
+        (Sequential("Qwen2_5_VLVisionBlock", *_QWEN_BLOCK),),
         layers="blocks", encoder=("Qwen2_5_VisionTransformerPretrainedModel",), prefix=0, class_token=False,
-        attention=HFAttention(out="proj", scale="scaling", dropout="attention_dropout", qkv="qkv",
-                              rotary_float32=True),
-        windows="fullatt_block_indexes", unit_from="spatial_merge_unit",
+        attention=_QWEN_ATTENTION,
+        windows="fullatt_block_indexes", merge_from="spatial_merge_size",
+    ),
+    Family(
+        "Hugging Face Qwen2-VL vision", "transformers", ("Qwen2VisionTransformerPretrainedModel",),
+        "the vision tower of Qwen/Qwen2-VL-* (images of any size packed in one sequence; pruned per image, whole "
+        "2 x 2 merged units, k per image; `pooler_output` holds the kept merged units; no class token: "
+        "query='mean'; mode='drop')",
+        (Sequential("Qwen2VLVisionBlock", *_QWEN_BLOCK),),
+        layers="blocks", encoder=("Qwen2VisionTransformerPretrainedModel",), prefix=0, class_token=False,
+        attention=_QWEN_ATTENTION,
+        merge_from="spatial_merge_size",
     ),
 )
 
@@ -329,6 +341,8 @@ class VisionLanguage:
     feature_layer: str | None = None  # config attribute: the tower hidden state(s) it reads; None: the last
     select_strategy: str | None = None  # config attribute: "default" drops the class token, "full" keeps it
     token_types: bool = False  # its forward takes ``token_type_ids``, shortened with the prompt
+    merged: bool = False  # its connector merges units of patches and its positions are 3-D (M-RoPE):
+    # :mod:`pruneattn.patch.vlm_merged`
 
 
 VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
@@ -345,9 +359,27 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         "google/paligemma-*, google/paligemma2-* (`token_type_ids` shortened with the prompt)",
         token_types=True,
     ),
+    VisionLanguage(
+        "Hugging Face Qwen2.5-VL", "transformers", ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+        "Qwen2_5_VLModel", ("Hugging Face Qwen2.5-VL vision",),
+        "Qwen/Qwen2.5-VL-* (images of any size, several per prompt: whole 2 x 2 merged units pruned per image in "
+        "the tower's last block, k = ceil(rate * units) per image; kept tokens keep their M-RoPE (t, h, w) ids; "
+        "images only, no videos)",
+        merged=True,
+    ),
+    VisionLanguage(
+        "Hugging Face Qwen2-VL", "transformers", ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+        "Qwen2VLModel", ("Hugging Face Qwen2-VL vision",),
+        "Qwen/Qwen2-VL-* (as Qwen2.5-VL: whole 2 x 2 merged units per image in the tower's last block; M-RoPE ids "
+        "kept; images only, no videos)",
+        merged=True,
+    ),
 )
 
 _REL_POS = "its attention adds a relative position bias per token pair, which the fused kernels do not take"
+_DEEPSTACK = ("its language model adds DeepStack features, taken from earlier tower blocks for every merged unit, "
+              "at the image positions of several of its layers; pruneattn does not restrict them to the kept units "
+              "yet, so it refuses rather than mix pruned and unpruned features (Qwen2.5-VL and Qwen2-VL prune)")
 # Model classes that look like ViTs but whose attention pruneattn cannot reproduce: (library, class) -> why.
 REFUSED: dict[tuple[str, str], str] = {
     ("timm", "Beit"): _REL_POS,
@@ -369,12 +401,11 @@ REFUSED: dict[tuple[str, str], str] = {
     "and adds a newline token per row of each tile, so the image tokens are not one fixed grid per image",
     ("transformers", "LlavaOnevisionForConditionalGeneration"): "it splits each image into a variable number of "
     "tiles and adds newline tokens, so the image tokens are not one fixed grid per image",
-    ("transformers", "Qwen2VLForConditionalGeneration"): "its patch merger joins 2 x 2 patches into one "
-    "language-model token and its positions are 3-D (M-RoPE); pruning must keep whole merged units and their "
-    "position ids, which pruneattn does not do for this model",
-    ("transformers", "Qwen2_5_VLForConditionalGeneration"): "its patch merger joins 2 x 2 patches into one "
-    "language-model token, its tower uses window attention and its positions are 3-D (M-RoPE), which pruneattn "
-    "does not prune for this model",
+    ("transformers", "Qwen3VLForConditionalGeneration"): _DEEPSTACK,
+    ("transformers", "Qwen3VLModel"): _DEEPSTACK,
+    ("transformers", "Qwen3VLVisionModel"): "its tower also hands out DeepStack features from earlier blocks "
+    "for every patch, and adds learned position embeddings interpolated to each image, which pruneattn does "
+    "not restrict to the kept units; patch a Qwen2.5-VL or Qwen2-VL model, whose towers prune",
     ("transformers", "Gemma3ForConditionalGeneration"): "its projector average-pools 4 x 4 patches into one "
     "language-model token, so whole pooled units would have to be kept, which pruneattn does not do for it",
     ("transformers", "Idefics3Model"): "its connector merges patches by pixel shuffle and it splits images "

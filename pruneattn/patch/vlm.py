@@ -13,6 +13,9 @@ shorten it, per call, before the model reads it (:mod:`pruneattn.patch.prompt`):
 occupies as many contiguous positions as it has tokens. ``generate`` shortens the prompt once, runs as
 usual (the cache holds the shortened sequence), and returns the caller's prompt followed by the new
 tokens. Weights and classes other than the generation model's (``generate``) are unchanged.
+
+Models whose connector merges units of patches and whose positions are 3-D (Qwen2-VL, Qwen2.5-VL) are
+:mod:`pruneattn.patch.vlm_merged`.
 """
 from __future__ import annotations
 
@@ -95,6 +98,10 @@ def patch(
     score_hook: ScoreHook | None,
 ) -> nn.Module:
     """``pruneattn.patch`` of a vision-language model (see the module docstring); raises before any change."""
+    if entry.merged:
+        from pruneattn.patch import vlm_merged
+
+        return vlm_merged.patch(model, entry, keep_rate, tokens, layers, stat, query, mode, score_hook)
     base = _base(model, entry)
     config = base.config
     tower = base.vision_tower
@@ -314,18 +321,28 @@ class PrunedGeneration(Swapped):
         prompt_ids = call.get("input_ids")
         short = shortened_call(base, call, cut)
         length = (prompt_ids if prompt_ids is not None else call["inputs_embeds"]).shape[1]
-        short = _generation_lengths(self, short, args, length - cut.length)
-        token = _SHORT.set(_SHORT.get() | {id(base)})
-        try:
-            out = super().generate(None, *args, **short)
-        finally:
-            _SHORT.reset(token)
-        if prompt_ids is None:  # from embeddings: generate returns the new tokens only
-            return out
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        repeats = sequences.shape[0] // prompt_ids.shape[0]
-        full = torch.cat([prompt_ids.repeat_interleave(repeats, 0), sequences[:, cut.length :]], dim=1)
-        if isinstance(out, torch.Tensor):
-            return full
-        out.sequences = full
+        return generate_shortened(self, super().generate, base, short, args, prompt_ids, length, cut.length)
+
+
+def generate_shortened(
+    model: nn.Module, run, base: nn.Module, short: dict, args: tuple, prompt_ids: torch.Tensor | None, length: int,
+    short_length: int,
+):
+    """``run`` (the generation model's own ``generate``) on the shortened call ``short``, the prompt of
+    ``base`` marked as shortened; returns the caller's prompt ``prompt_ids`` (``length`` long) followed by
+    the new tokens (only the new tokens for a prompt given as embeddings, as ``generate`` does)."""
+    short = _generation_lengths(model, short, args, length - short_length)
+    token = _SHORT.set(_SHORT.get() | {id(base)})
+    try:
+        out = run(None, *args, **short)
+    finally:
+        _SHORT.reset(token)
+    if prompt_ids is None:  # from embeddings: generate returns the new tokens only
         return out
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    repeats = sequences.shape[0] // prompt_ids.shape[0]
+    full = torch.cat([prompt_ids.repeat_interleave(repeats, 0), sequences[:, short_length:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return full
+    out.sequences = full
+    return out

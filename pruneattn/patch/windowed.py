@@ -1,9 +1,11 @@
-"""Window-attention towers that merge units of tokens: Qwen2.5-VL's vision tower.
+"""Towers that merge units of tokens: Qwen2-VL's and Qwen2.5-VL's vision towers.
 
-The tower packs the patches of all its images (each frame of a video: one image) into one sequence,
-reordered so that each window of patches is contiguous; every run of ``unit`` (2 x 2 = 4)
-consecutive tokens is one unit that its merger joins into one language-model token. Most blocks
-attend within windows (``cu_window_seqlens``), a few over each whole image (``cu_seqlens``).
+The tower packs the patches of all its images (each frame of a video: one image) into one sequence;
+every run of ``unit`` (2 x 2 = 4) consecutive tokens is one unit that its merger joins into one
+language-model token. Qwen2.5-VL's tower reorders the units so that each window of patches is
+contiguous, and most of its blocks attend within windows (``cu_window_seqlens``), a few over each
+whole image (``cu_seqlens``); Qwen2-VL's keeps the units in raster order and attends over each image
+in every block.
 
 - Pruning runs only in full-attention blocks: each image is unpacked from the sequence (padded to the
   batch's largest image, with a padding mask), scored per unit (the statistic over heads of the unit's
@@ -118,7 +120,10 @@ class Windowed:
 
 def window_order(tower: nn.Module, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """The tower's window index: for each unit in the packed (window) order, its raster index among all
-    units (images one after the other). The one the caller passed precomputed, if any."""
+    units (images one after the other). The one the caller passed precomputed, if any; the identity
+    for a tower without windows."""
+    if getattr(tower, "window_size", None) is None:
+        return torch.arange(int((grid_thw.prod(-1) // tower.spatial_merge_size**2).sum()), device=grid_thw.device)
     given = kwargs.get("window_index")
     if given is not None:
         return given

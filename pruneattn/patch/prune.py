@@ -70,7 +70,7 @@ def attention(
     )
 
 
-def _scores(cfg: BlockConfig, stats: AttentionStats, B: int, P: int) -> torch.Tensor:
+def selection_scores(cfg: BlockConfig, stats: AttentionStats, B: int, P: int) -> torch.Tensor:
     """The block's patch scores (B, P), through the score hook if one is set."""
     scores = stats.scores[:, :P]
     if cfg.score_hook is not None:
@@ -106,7 +106,7 @@ def prune_padded(
         counts = kept_per_image(valid[:, : p + P], p, keep_rate=rate, k=cfg.tokens)
         fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
         x, kept_idx = select_per_image(
-            x, _scores(cfg, stats, B, P), counts, num_prefix=p, fuse_weights=fuse_weights, valid=valid
+            x, selection_scores(cfg, stats, B, P), counts, num_prefix=p, fuse_weights=fuse_weights, valid=valid
         )
         valid = valid_after(valid, kept_idx, p, fused=cfg.mode == "fuse")
     if state is not None:
@@ -135,7 +135,7 @@ def prune_tokens(cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats) -> to
         fuse_weights = stats.head_mean if cfg.mode == "fuse" else None
         # No value is read back (no sync): NaN scores follow the ranking rule on every device.
         kept, kept_idx = select_tokens(
-            x, _scores(cfg, stats, B, P), k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=fuse_weights
+            x, selection_scores(cfg, stats, B, P), k=k, num_prefix=cfg.num_prefix, mode=cfg.mode, fuse_weights=fuse_weights
         )
     if state is not None:
         state.kept[cfg.layer] = kept_idx

@@ -38,7 +38,6 @@ class MergedPrompt:
     """What a patched model needs to prepare a call (frozen, on the base model)."""
 
     image_token_id: int
-    video_token_id: int | None
     pad_token_id: int
     unit: int  # patches per merged unit
 
@@ -64,7 +63,6 @@ def patch(
     text = config.get_text_config()
     prompt = MergedPrompt(
         image_token_id=int(config.image_token_id),
-        video_token_id=None if getattr(config, "video_token_id", None) is None else int(config.video_token_id),
         pad_token_id=int(getattr(text, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0),
         unit=registry.unit_of(family, tower),
     )

@@ -7,10 +7,11 @@ contiguous, and most of its blocks attend within windows (``cu_window_seqlens``)
 whole image (``cu_seqlens``); Qwen2-VL's keeps the units in raster order and attends over each image
 in every block.
 
-- Pruning runs only in full-attention blocks: each image is unpacked from the sequence (padded to the
-  batch's largest image, with a padding mask), scored per unit (the statistic over heads of the unit's
-  summed received attention, ``query="mean"``), and keeps k = ceil(rate * units) whole units
-  (``tokens=k``: at most k); the kept tokens are packed again, in their order.
+- Pruning runs only in full-attention blocks: q, k, v of the whole sequence at once, then each image's
+  attention over its own tokens (no padding, no mask), its units scored (the statistic over heads of
+  a unit's summed received attention, ``query="mean"``), and k = ceil(rate * units) whole units kept
+  (``tokens=k``: at most k); the kept tokens stay packed, in their order. A ``score_hook`` is called
+  once per image, with its (1, units) scores.
 - Every block after a pruning block gets, in ``__call__`` (before transformers' activation
   checkpointing, so that a recompute sees the same), the boundaries rebuilt for the tokens that
   remain: its images' or its windows' kept tokens (a window whose tokens were all dropped is gone),
@@ -27,14 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneattn.patch.blocks import attend
-from pruneattn.patch.packing import unpack
-from pruneattn.patch.prune import check_traceable
+from pruneattn.ops import select_tokens
+from pruneattn.patch.prune import attention, check_traceable, selection_scores
 from pruneattn.patch.registry import Family, attribute, blocks_of
 from pruneattn.patch.state import PackedTokens, Plan, begin, current, end
 from pruneattn.patch.swap import Swapped, swap
-from pruneattn.ops import select_per_image, valid_after
-from pruneattn.validate import kept_per_image
+from pruneattn.validate import kept_of_rate
 
 
 def rebuilt_bounds(bounds: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -60,7 +59,7 @@ class FollowsKeptUnits(Swapped):
         packed = None if state is None else state.packed
         if packed is not None and packed.rows is not None and "cu_seqlens" in kwargs:
             bounds = kwargs["cu_seqlens"]
-            # The images' and the windows' boundaries differ in count unless they are the same tensor.
+            # The images' and the windows' boundaries differ in count unless they are equal.
             key = bounds.numel()
             if key not in packed.rebuilt:
                 new_bounds, longest = rebuilt_bounds(bounds, packed.rows)
@@ -74,38 +73,46 @@ class FollowsKeptUnits(Swapped):
 
 
 class PrunedWindowed(FollowsKeptUnits):
-    """A pruning (full-attention) block of a window-attention tower: per image, whole units."""
+    """A pruning (full-attention) block of a tower that merges units: per image, whole units."""
 
     keeps_name = False
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
         check_traceable(hidden_states)
         cfg = self._pruneattn
-        g = cfg.unit
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # one host read per pruning block
-        x, valid = unpack(hidden_states, lengths)
-        cos, sin = (unpack(t, lengths)[0][:, None] for t in position_embeddings)
-        y, stats = attend(cfg, cfg.reader, self.attn, self.norm1(x), (cos, sin), valid)
-        x = x + y
-        B, N, C = x.shape
-        units = valid[:, ::g]
-        if cfg.selects:
-            rate = cfg.keep_rate if cfg.tokens is None else None
-            counts = kept_per_image(units, 0, keep_rate=rate, k=cfg.tokens)
-            x, kept = select_per_image(x.view(B, N // g, g * C), stats.scores, counts, num_prefix=0,
-                                       fuse_weights=None, valid=units)
-            x = x.view(B, -1, C)
-        else:
-            kept = torch.arange(N // g, device=x.device).expand(B, -1).masked_fill(~units, -1)
-        tokens = valid_after(units, kept, 0).repeat_interleave(g, dim=1)
-        # where each kept token sat in this block's input sequence
-        starts = cu_seqlens[:-1].long()[:, None] + g * kept.clamp(min=0)
-        rows = (starts[:, :, None] + torch.arange(g, device=x.device)).view(B, -1)[tokens]
-        x = x[tokens]
+        g, att, reader = cfg.unit, self.attn, cfg.reader
+        bounds = cu_seqlens.tolist()  # one host read per pruning block
+        T, C = hidden_states.shape
+        # q, k, v of every token at once (per-token work), then attention and scores image by image:
+        # no padding, no mask, each image's keys and queries only, as the unpatched block computes it.
+        q, k, v = reader.heads(att, self.norm1(hidden_states)[None], position_embeddings)  # (1, H, T, d)
+        out = q.new_empty((1, T, q.shape[1], q.shape[-1]))
+        scores = []
+        for a, b in zip(bounds, bounds[1:]):
+            stats = attention(cfg, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], reader.scale(att))
+            out[:, a:b] = stats.out.transpose(1, 2)
+            scores.append(selection_scores(cfg, stats, 1, (b - a) // g))
+        del q, k, v, stats
+        x = hidden_states + reader.project(att, out.transpose(1, 2), hidden_states[None])[0]
+        del out
+        pieces, kept, rows = [], [], []
+        for (a, b), score in zip(zip(bounds, bounds[1:]), scores):
+            units = (b - a) // g
+            if cfg.selects:
+                n = kept_of_rate(units, cfg.keep_rate) if cfg.tokens is None else min(cfg.tokens, units)
+                piece, idx = select_tokens(x[a:b].view(1, units, g * C), score, k=n, num_prefix=0)
+                pieces.append(piece.view(-1, C))
+                idx = idx[0]
+            else:
+                pieces.append(x[a:b])
+                idx = torch.arange(units, device=x.device)
+            kept.append(idx)
+            rows.append((a + g * idx[:, None] + torch.arange(g, device=x.device)).flatten())
+        x = torch.cat(pieces)
         state = current(cfg.plan)
         if state is not None and state.packed is not None:
-            state.kept[cfg.layer] = kept
-            packed = state.packed
+            state.kept[cfg.layer] = torch.nn.utils.rnn.pad_sequence(kept, batch_first=True, padding_value=-1)
+            packed, rows = state.packed, torch.cat(rows)
             packed.rows, packed.rebuilt = rows if packed.rows is None else packed.rows[rows], {}
         return x + self.mlp(self.norm2(x))
 

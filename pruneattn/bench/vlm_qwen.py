@@ -20,15 +20,14 @@ bound of the prefill (tower + language model) and of a decode step, unpatched ov
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from pruneattn.bench.meta import environment, load_average
-from pruneattn.bench.vlm import WallClock, _stats, time_candidates
+from pruneattn.bench.vlm import WallClock, _stats, shared_copy, time_candidates
+from pruneattn.validate import kept_of_rate
 
 TOWER_DEPTH = 8
 TEXT = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -115,11 +114,16 @@ def _lm_flops(cfg, tokens: int, context: int, new: int) -> float:
     return tokens * L * (per_token + attention) + 2 * H * V
 
 
+def kept_units(inputs: dict, rate: float | None) -> tuple[list[int], list[int]]:
+    """(units, kept units) of each image of the batch, unpruned (``rate`` None) or at ``rate``."""
+    units = [t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+    return units, units if rate is None else [kept_of_rate(u, rate) for u in units]
+
+
 def flop_bounds(model, inputs: dict, rate: float | None) -> tuple[float, float]:
     """(prefill, decode step) FLOPs of the batch, unpruned (``rate`` None) or at ``rate``."""
     grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
-    units = [t * h * w // 4 for t, h, w in grids]
-    kept = units if rate is None else [max(1, math.ceil(round(rate * u, 9))) for u in units]
+    units, kept = kept_units(inputs, rate)
     real = inputs["attention_mask"].sum(1).tolist()
     rows = [r - (u - k) for r, u, k in zip(real, units, kept)]
     text = model.config.text_config
@@ -165,12 +169,12 @@ class Candidate:
 def candidates(model, inputs: dict, rates=RATES) -> list[Candidate]:
     import pruneattn
 
-    shared = lambda: copy.deepcopy(model, memo={id(p): p for p in model.parameters()})  # noqa: E731
     out = [Candidate("unpatched", model, inputs, None)]
     for r in rates:
-        out.append(Candidate(f"pruneattn {r}", pruneattn.patch(shared(), keep_rate=r), inputs, r))
+        out.append(Candidate(f"pruneattn {r}", pruneattn.patch(shared_copy(model), keep_rate=r), inputs, r))
     for r in rates:
-        out.append(Candidate(f"eager last block {r}", pruneattn.patch(shared(), keep_rate=r), inputs, r, eager=True))
+        out.append(Candidate(f"eager last block {r}", pruneattn.patch(shared_copy(model), keep_rate=r), inputs, r,
+                             eager=True))
     return out
 
 
@@ -215,9 +219,7 @@ def run_vlm_qwen(*, reps: int = 3, new_tokens: int = 16, threads: int = 2, depth
             speedup = base_ttft / ttft["median_s"]
             rows.append({
                 "batch": batch, "images": " + ".join(f"{h}x{w}" for h, w in IMAGES[batch]), "config": c.name,
-                "image_tokens_to_lm": sum(
-                    max(1, math.ceil(round((c.rate or 1.0) * (h // 14) * (w // 14) // 4, 9))) for h, w in IMAGES[batch]
-                ),
+                "image_tokens_to_lm": sum(kept_units(inputs, c.rate)[1]),
                 "ttft_ms": 1e3 * ttft["median_s"], "ttft_q1_ms": 1e3 * ttft["q1_s"], "ttft_q3_ms": 1e3 * ttft["q3_s"],
                 "ttft_speedup": speedup, "ttft_flop_bound": bound, "bound_fraction": speedup / bound,
                 "ttft_cpu_s": _stats(s["ttft_cpu"])["median_s"],

@@ -39,9 +39,8 @@ def _attention_stats_op(
     valid: torch.Tensor | None = None, unit: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     run = implementation("attention_stats", q.device)
-    kwargs = {} if unit == 1 else {"unit": unit}
     out, scores, head_mean = run(
-        q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid, **kwargs
+        q, k, v, stat=stat, query=query, num_prefix=num_prefix, scale=scale, valid=valid, unit=unit
     )
     return _bnhd(out), scores, head_mean
 

@@ -1,4 +1,4 @@
-"""Images packed in one sequence (Pixtral's and Qwen2.5-VL's towers) <-> a padded batch with its mask."""
+"""Images packed in one sequence (Pixtral's vision encoder) <-> a padded batch with its mask."""
 from __future__ import annotations
 
 import torch

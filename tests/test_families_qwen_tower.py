@@ -146,6 +146,7 @@ def test_pruned_tower_equals_each_image_alone(layers, rate, kind, cpu_backend):
     assert sorted(found) == layers
     for layer in layers:
         assert torch.equal(found[layer], _padded(kept[layer])), layer
+    assert torch.equal(got.kept_units, _padded(kept[max(layers)]))  # the call's own units, with its output
     assert got.last_hidden_state.shape[0] == 4 * want.shape[0]
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pruneattn.patch import registry
-from pruneattn.patch.positions import ascending, compose
+from pruneattn.patch.positions import composed_kept
 from pruneattn.patch.state import BlockConfig, Exported, ForwardFailed, Plan, ScoreHook
 from pruneattn.patch.swap import is_swapped, original_class, restore, swap
 from pruneattn.validate import MODES, QUERIES, STATS, check_choice, check_keep_rate, kept_of_rate
@@ -348,11 +348,4 @@ def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
             "kept_indices: the model was last traced by torch.export; the exported program does not record "
             "its kept indices. Run the patched model itself (eagerly or under torch.compile) to read them"
         )
-    out: dict[int, torch.Tensor] = {}
-    prev = state.origin
-    for layer in sorted(state.kept):
-        idx = state.kept[layer]
-        out[layer] = prev = compose(prev, idx)
-    if state.sort_kept:
-        out = {layer: ascending(idx) for layer, idx in out.items()}
-    return out
+    return composed_kept(state)

@@ -13,7 +13,12 @@ for each remaining patch token, its index in the ORIGINAL grid (row-major, 0 = f
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from pruneattn.patch.state import ForwardState
 
 
 def compose(pos: torch.Tensor | None, kept_idx: torch.Tensor) -> torch.Tensor:
@@ -72,3 +77,15 @@ def paint(grid: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor | None) ->
     if pos is None:
         return tokens
     return grid.scatter(1, pos.unsqueeze(-1).expand(-1, -1, grid.shape[-1]), tokens.to(grid.dtype))
+
+
+def composed_kept(state: "ForwardState") -> dict[int, torch.Tensor]:
+    """``{block index: (B, k) int64}`` of one finished call's ``state``: the patches each pruning block
+    kept, as indices into the original grid (ascending where the blocks saw another order)."""
+    out: dict[int, torch.Tensor] = {}
+    prev = state.origin
+    for layer in sorted(state.kept):
+        out[layer] = prev = compose(prev, state.kept[layer])
+    if state.sort_kept:
+        out = {layer: ascending(idx) for layer, idx in out.items()}
+    return out

@@ -31,6 +31,7 @@ from torch import nn
 from pruneattn.ops import select_tokens
 from pruneattn.patch.prune import attention, check_traceable, selection_scores
 from pruneattn.patch.registry import Family, attribute, blocks_of
+from pruneattn.patch.positions import composed_kept
 from pruneattn.patch.state import PackedTokens, Plan, begin, current, end
 from pruneattn.patch.swap import Swapped, swap
 from pruneattn.validate import kept_of_rate
@@ -178,7 +179,10 @@ def _merged_in_place(merger: nn.Module, args: tuple, output: torch.Tensor) -> to
 
 
 def _end(tower: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-    """Close the call: ``pooler_output`` keeps the merged rows of the kept units (raster order)."""
+    """Close the call: ``pooler_output`` keeps the merged rows of the kept units (raster order), and a
+    dict output gains ``kept_units``: (images, k) int64, each image's kept units (raster indices into its
+    grid of units, ascending, padded with -1), the same as ``kept_indices`` of this call's last pruning
+    block, carried with the output so that its caller reads this call's own units."""
     how: Windowed = tower._pruneattn_windowed
     state = current(how.plan)
     if state is None:
@@ -187,6 +191,8 @@ def _end(tower: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         packed = state.packed
         if output is not None and packed is not None and packed.rows is not None:
             output = _keep_units(packed, how.unit, output)
+            if not isinstance(output, tuple) and state.kept:
+                output["kept_units"] = composed_kept(state)[max(state.kept)]
     finally:
         end(state, output is not None)
     return output

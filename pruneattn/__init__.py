@@ -21,10 +21,12 @@ _EXPORTS: dict[str, str] = {
     "attention_stats": "pruneattn.ops",
     "backend_for": "pruneattn.backend",
     "default_layers": "pruneattn.patch",
+    "image_tokens": "pruneattn.patch",
     "kept_indices": "pruneattn.patch",
     "num_kept": "pruneattn.validate",
     "overlap_patches": "pruneattn.overlap",
     "patch": "pruneattn.patch",
+    "patch_processor": "pruneattn.patch",
     "reference": "pruneattn",
     "select_tokens": "pruneattn.ops",
     "split_qkv": "pruneattn.ops",
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from pruneattn.backend import backend_for, use_backend
     from pruneattn.ops import AttentionStats, attention_scores, attention_stats, select_tokens, split_qkv
     from pruneattn.overlap import overlap_patches
-    from pruneattn.patch import default_layers, kept_indices, patch, unpatch
+    from pruneattn.patch import default_layers, image_tokens, kept_indices, patch, patch_processor, unpatch
     from pruneattn.validate import num_kept
 
 

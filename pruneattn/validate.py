@@ -188,9 +188,17 @@ def kept_per_image(
     1) or ``min(k, P_b)`` of each image's P_b real patches, 0 for an image without any. Reads the mask's
     row counts back to the host (one sync on a GPU): the output width is the largest of them."""
     counts = valid[:, num_prefix:].sum(dim=1).tolist()
-    if k is not None:
-        return [min(int(k), c) for c in counts]
-    return [kept_of_rate(c, keep_rate) if c else 0 for c in counts]
+    return [kept_count(c, keep_rate=keep_rate, k=k) for c in counts]
+
+
+def kept_count(units: int, *, keep_rate: float | None = None, k: int | None = None) -> int:
+    """How many of an image's ``units`` (patches, or merged tokens) one pruning step keeps: ``min(k,
+    units)``, or ``ceil(keep_rate * units)`` and at least 1; 0 for an image without any. The one count
+    that the blocks, the padded and packed encoders, the prompts of vision-language models and the
+    processors that plan them all use (a fixed-size model refuses ``k`` above its patch count earlier)."""
+    if not units:
+        return 0
+    return min(int(k), units) if k is not None else kept_of_rate(units, keep_rate)
 
 
 def kept_of_rate(num_patches: int, keep_rate: float) -> int:

@@ -144,11 +144,8 @@ def _family(model: torch.nn.Module):
     """The registry entry, encoder, blocks and prefix-token count of ``model``."""
     from pruneattn.patch import registry
 
-    family = registry.family_of(model)
-    if family is None:
-        raise TypeError(f"no pruneattn family takes {type(model).__name__}")
-    encoder = registry.adapter(family).encoder(family, model)
-    return family, encoder, registry.blocks_of(family, encoder), registry.num_prefix(family, encoder)
+    found = registry.describe(model)
+    return found.family, found.encoder, list(found.blocks), found.num_prefix
 
 
 def model_shape(model: torch.nn.Module) -> dict:

@@ -27,7 +27,8 @@ import torch
 
 from pruneattn.bench.meta import environment, load_average
 from pruneattn.bench.vlm import WallClock, _stats, shared_copy, time_candidates
-from pruneattn.validate import kept_of_rate
+from pruneattn.patch.options import Amount
+from pruneattn.patch.vlm.tokens import ImageTokens
 
 TOWER_DEPTH = 8
 TEXT = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -115,9 +116,11 @@ def _lm_flops(cfg, tokens: int, context: int, new: int) -> float:
 
 
 def kept_units(inputs: dict, rate: float | None) -> tuple[list[int], list[int]]:
-    """(units, kept units) of each image of the batch, unpruned (``rate`` None) or at ``rate``."""
+    """(units, kept units) of each image of the batch, unpruned (``rate`` None) or at ``rate`` (the count the
+    patched model and a planning processor use)."""
     units = [t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
-    return units, units if rate is None else [kept_of_rate(u, rate) for u in units]
+    tokens = ImageTokens((Amount(1.0 if rate is None else rate),))
+    return units, [tokens.kept(u) for u in units]
 
 
 def flop_bounds(model, inputs: dict, rate: float | None) -> tuple[float, float]:

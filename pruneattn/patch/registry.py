@@ -330,7 +330,7 @@ FAMILIES: tuple[Family, ...] = (
 @dataclass(frozen=True)
 class VisionLanguage:
     """A vision-language family: a language model reads the output tokens of a vision tower. pruneattn
-    prunes them in the tower (:mod:`pruneattn.patch.vlm`) and shortens the prompt to match."""
+    prunes them in the tower and plans or shortens the prompt to match (:mod:`pruneattn.patch.vlm`)."""
 
     label: str
     library: str
@@ -338,11 +338,13 @@ class VisionLanguage:
     base: str  # the class that puts image features in place of the placeholders (in ``models``)
     towers: tuple[str, ...]  # labels of the tower families it can prune (entries of FAMILIES)
     covers: str
+    tower: str = "vision_tower"  # the base model's attribute holding its vision tower
     feature_layer: str | None = None  # config attribute: the tower hidden state(s) it reads; None: the last
     select_strategy: str | None = None  # config attribute: "default" drops the class token, "full" keeps it
-    token_types: bool = False  # its forward takes ``token_type_ids``, shortened with the prompt
-    merged: bool = False  # its connector merges units of patches and its positions are 3-D (M-RoPE):
-    # :mod:`pruneattn.patch.vlm_merged`
+    grid: str | None = None  # the call's argument with each image's (t, h, w) patch grid (images of any size);
+    # None: fixed-size images, their patch count from the tower's config
+    positions: str = "1d"  # "1d": positions count the prompt's tokens; "mrope": (t, h, w) ids from the
+    # model's ``get_rope_index``, kept tokens at their original ids
 
 
 VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
@@ -357,7 +359,6 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         "Hugging Face PaliGemma", "transformers", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"),
         "PaliGemmaModel", ("Hugging Face SigLIP vision",),
         "google/paligemma-*, google/paligemma2-* (`token_type_ids` shortened with the prompt)",
-        token_types=True,
     ),
     VisionLanguage(
         "Hugging Face Qwen2.5-VL", "transformers", ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
@@ -365,14 +366,14 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         "Qwen/Qwen2.5-VL-* (images of any size, several per prompt: whole 2 x 2 merged units pruned per image in "
         "the tower's last block, k = ceil(rate * units) per image; kept tokens keep their M-RoPE (t, h, w) ids; "
         "images only, no videos)",
-        merged=True,
+        tower="visual", grid="image_grid_thw", positions="mrope",
     ),
     VisionLanguage(
         "Hugging Face Qwen2-VL", "transformers", ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
         "Qwen2VLModel", ("Hugging Face Qwen2-VL vision",),
         "Qwen/Qwen2-VL-* (as Qwen2.5-VL: whole 2 x 2 merged units per image in the tower's last block; M-RoPE ids "
         "kept; images only, no videos)",
-        merged=True,
+        tower="visual", grid="image_grid_thw", positions="mrope",
     ),
 )
 
@@ -466,6 +467,44 @@ def refusal(model: object) -> str | None:
 def adapter(family: Family) -> Adapter:
     """The adapter of ``family``'s library (imports that library)."""
     return importlib.import_module(_ADAPTERS[family.library]).ADAPTER
+
+
+@dataclass(frozen=True, eq=False)
+class Encoder:
+    """A model of one of the families, looked up once: its family and adapter, the module that holds its
+    blocks, and what the blocks' inputs hold."""
+
+    family: Family
+    adapter: Adapter
+    model: nn.Module  # the model ``patch`` was given
+    encoder: nn.Module  # the module that holds the blocks and whose forward is one call
+    blocks: tuple[nn.Module, ...]
+    num_prefix: int  # tokens before the patches (class, distillation, registers)
+    class_token: bool
+    unit: int  # patches per selection unit (merged tokens are kept or dropped whole)
+    full_attention: tuple[int, ...] | None  # the blocks that attend over each whole image; None: all do
+
+
+def describe(model: object) -> Encoder:
+    """The registry's view of ``model``, or a TypeError naming its class and why it is not taken."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pruneattn.patch expects a torch.nn.Module, got {type(model).__name__}")
+    reason = refusal(model)
+    if reason:
+        raise TypeError(f"pruneattn.patch does not support {type(model).__name__}: {reason}")
+    family = family_of(model)
+    if family is None:
+        hint = ""
+        if hasattr(model, "module") or hasattr(model, "_orig_mod"):
+            hint = " (patch the model before wrapping it in DistributedDataParallel / torch.compile)"
+        raise TypeError(f"pruneattn.patch does not support {type(model).__name__}{hint}; supported: {supported_text()}")
+    lib = adapter(family)
+    encoder = lib.encoder(family, model)
+    class_token = family.class_token if family.class_token is not None else lib.has_class_token(family, model)
+    return Encoder(
+        family, lib, model, encoder, tuple(blocks_of(family, encoder)), num_prefix(family, encoder), bool(class_token),
+        unit_of(family, encoder), full_attention_blocks(family, encoder),
+    )
 
 
 def shape_of(family: Family, cls: type) -> BlockShape | None:

@@ -193,7 +193,9 @@ def check_encoder(
     check_choice("query", query, QUERIES)
     check_choice("mode", mode, MODES)
     full = registry.full_attention_blocks(family, encoder)
-    if layers is None:
+    if layers is None and family.default_blocks is not None:
+        layers = tuple(i % len(blocks) for i in family.default_blocks)
+    elif layers is None:
         layers = default_layers(len(blocks)) if full is None else default_full_attention_layers(len(blocks), full)
     chosen = _layers(layers, len(blocks))
     per_layer = amounts(keep_rate, tokens, len(chosen))
@@ -257,7 +259,8 @@ def patch(
             0.7 when neither ``keep_rate`` nor ``tokens`` is given.
         layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
             model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth); for a
-            vision-language model, the block whose output the model reads.
+            vision-language model, the block whose output the model reads (also for the vision towers of
+            Qwen3-VL, Qwen3.5 and GLM-4.xV alone: their last block, which their connector reads).
         stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see docs/semantics.md).
             ``query`` defaults to ``"cls"`` for models with a class token and ``"mean"`` for the others
             (SigLIP, global-pooling ViTs without one); ``"cls"`` on a model without a class token raises.

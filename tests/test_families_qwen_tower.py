@@ -1,21 +1,20 @@
 """Qwen2.5-VL's and Qwen2-VL's vision towers: images of any size packed in one sequence, 2 x 2 units,
 window attention (Qwen2.5-VL).
 
-The truth is each image (each frame of a video) run ALONE through an eager pruned forward written
-here: its tokens in the tower's window order, plain softmax attention with an explicit mask (same
-image in full-attention blocks, same window in the others; windows and rotary angles by plain
-indexing of each token's original position), and in each pruning block the unit score of the spec
-(received attention averaged over the image's queries, summed over the unit's 4 patches, variance
-over heads), top-k units with ties to the lower index. The merged units are put in raster order.
-The patched tower, called on the whole batch, must give the same ``pooler_output`` rows and
-``kept_indices``. Random weights from a config, q / k scaled so that the scores differ.
+The truth is each image (each frame of a video) run ALONE through the eager pruned forward of
+merged_reference.py, set up here with the tower's window order: plain softmax attention with an
+explicit mask (same image in full-attention blocks, same window in the others; windows and rotary
+angles by plain indexing of each token's original position), and in each pruning block the unit
+score of the spec (received attention averaged over the image's queries, summed over the unit's 4
+patches, variance over heads), top-k units with ties to the lower index. The merged units are put
+in raster order. The patched tower, called on the whole batch, must give the same ``pooler_output``
+rows and ``kept_indices``. Random weights from a config, q / k scaled so that the scores differ.
 """
-import math
-
 import pytest
 import torch
 
 import pruneattn
+from merged_reference import checkpointed_grads, each_frame_alone, padded, pixels, pruned_blocks, sharpened
 from model_reference import one_thread  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -47,27 +46,17 @@ def _tower(dtype=torch.float64, depth=5, full=(1, 3), heads=4, width=64, attn="s
         )
         cfg._attn_implementation = attn
         tower = Tower(cfg).eval().to(dtype)
-    with torch.no_grad():
-        for block in tower.blocks:
-            block.attn.qkv.weight[: 2 * width].mul_(3.0)  # q and k rows: scores that differ
-    return tower
+    return sharpened(tower)
 
 
 def _pixels(grids, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(t * h * w for t, h, w in grids)
-    return torch.randn(n, 3 * TEMPORAL * PATCH * PATCH, generator=g, dtype=torch.float64).to(dtype), torch.tensor(grids)
+    return pixels(grids, 3 * TEMPORAL * PATCH * PATCH, dtype, seed)
 
 
-def _rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def _eager_image(tower, pixels, grid, rates, stat="var"):
-    """One image (grid (1, h, w)) alone. Returns its merged kept units (raster order) and
+def _eager_image(tower, pixels, h, w, rates):
+    """One image alone. Returns its merged kept units (raster order), no extra features and
     {block: kept units, raster indices}."""
-    grid = torch.tensor([grid])
+    grid = torch.tensor([[1, h, w]])
     unit = MERGE * MERGE
     T = pixels.shape[0]
     windows = getattr(tower, "window_size", None) is not None
@@ -80,56 +69,17 @@ def _eager_image(tower, pixels, grid, rates, stat="var"):
     cos, sin = tower.rotary_pos_emb(x, get_vision_position_ids(grid, MERGE))
     cos, sin = (t.view(T // unit, unit, -1)[window_index].reshape(T, -1) for t in (cos, sin))
     window_of = torch.bucketize(torch.arange(T), cu_windows[1:], right=True)  # each token's window
-    rows = torch.arange(T)  # original (window-order) position of each current token
-    kept = {}
-    for i, block in enumerate(tower.blocks):
-        a = block.attn
-        n = rows.numel()
-        h = block.norm1(x)
-        q, k, v = a.qkv(h).view(n, 3, a.num_heads, -1).permute(1, 2, 0, 3)  # (H, n, d) each
-        c, s = cos[rows].float(), sin[rows].float()  # the model rotates in float32, whatever its dtype
-        q, k = ((t.float() * c + _rotate_half(t.float()) * s).to(t.dtype) for t in (q, k))
-        logits = q @ k.transpose(-1, -2) * a.scaling
-        if i not in full:
-            same = window_of[rows][:, None] == window_of[rows][None, :]
-            logits = logits.masked_fill(~same, float("-inf"))
-        attn = torch.softmax(logits, dim=-1)
-        x = x + a.proj((attn @ v).transpose(0, 1).reshape(n, -1))
-        if i in rates:
-            received = attn.mean(dim=1)  # (H, n): averaged over the image's queries
-            per_unit = received.view(received.shape[0], n // unit, unit).sum(dim=-1)
-            centred = per_unit - per_unit.mean(dim=0)
-            score = (centred * centred).mean(dim=0) if stat == "var" else per_unit.mean(dim=0)
-            units = n // unit
-            r = rates[i]  # a keep rate, or tokens=r units at most
-            k_units = min(r, units) if isinstance(r, int) else max(1, math.ceil(round(r * units, 9)))
-            best = sorted(sorted(range(units), key=lambda u: (-float(score[u].detach()), u))[:k_units])
-            take = torch.tensor([u * unit + j for u in best for j in range(unit)])
-            x, rows = x[take], rows[take]
-            kept[i] = sorted(int(window_index[r // unit]) for r in rows[::unit])
-        x = x + block.mlp(block.norm2(x))
+    x, rows, kept = pruned_blocks(tower, x, (cos, sin), rates, unit, window_of, full)
+    kept = {i: sorted(int(window_index[u]) for u in units) for i, units in kept.items()}
     merged = tower.merger(x)
     raster = window_index[rows[::unit] // unit]
-    return merged[raster.argsort()], kept
+    return merged[raster.argsort()], [], kept
 
 
 def _truth(tower, pixels, grids, rates):
     """Each frame alone; its pooled rows in order, and per block the kept units per frame."""
-    out, kept, start = [], {}, 0
-    frames = [(h, w) for t, h, w in grids for _ in range(t)]
-    for h, w in frames:
-        n = h * w
-        merged, k = _eager_image(tower, pixels[start : start + n], (1, h, w), rates)
-        start += n
-        out.append(merged)
-        for layer, units in k.items():
-            kept.setdefault(layer, []).append(units)
-    return torch.cat(out), kept
-
-
-def _padded(rows):
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+    merged, _, kept = each_frame_alone(lambda p, h, w: _eager_image(tower, p, h, w, rates), pixels, grids)
+    return merged, kept
 
 
 @pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen2-vl"])
@@ -145,8 +95,8 @@ def test_pruned_tower_equals_each_image_alone(layers, rate, kind, cpu_backend):
     found = pruneattn.kept_indices(tower)
     assert sorted(found) == layers
     for layer in layers:
-        assert torch.equal(found[layer], _padded(kept[layer])), layer
-    assert torch.equal(got.kept_units, _padded(kept[max(layers)]))  # the call's own units, with its output
+        assert torch.equal(found[layer], padded(kept[layer])), layer
+    assert torch.equal(got.kept_units, padded(kept[max(layers)]))  # the call's own units, with its output
     assert got.last_hidden_state.shape[0] == 4 * want.shape[0]
 
 
@@ -176,7 +126,7 @@ def test_tokens_per_image_and_eager_attention(cpu_backend):
     want, kept = _truth(tower, pixels, GRIDS, {1: 3})
     # the unpatched blocks' eager attention takes its softmax in float32
     torch.testing.assert_close(got.pooler_output, want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(pruneattn.kept_indices(tower)[1], _padded(kept[1]))
+    assert torch.equal(pruneattn.kept_indices(tower)[1], padded(kept[1]))
     pruneattn.unpatch(tower)
     assert type(tower.blocks[1]).__name__ == "Qwen2_5_VLVisionBlock"
 
@@ -202,16 +152,13 @@ def test_return_dict_false_and_checkpointed_training(cpu_backend):
         want = tower(pixels, grid_thw=grid).pooler_output
         as_tuple = tower(pixels, grid_thw=grid, return_dict=False)
     torch.testing.assert_close(as_tuple[1], want)
-    tower.train()
-    grads = []
-    for checkpointing in (False, True):
-        tower.zero_grad()
-        if checkpointing:
-            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def loss():
         out = tower(pixels, grid_thw=grid).pooler_output
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        out.square().sum().backward()
-        grads.append(tower.blocks[0].attn.qkv.weight.grad.clone())
+        return out.square().sum()
+
+    grads = checkpointed_grads(tower, loss)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 

@@ -51,7 +51,8 @@ def patch(
             0.7 when neither ``keep_rate`` nor ``tokens`` is given.
         layers: 0-based indices of the pruning blocks; by default :func:`default_layers` of the
             model's depth (EViT's blocks 3, 6, 9 for 12 blocks: 1/4, 1/2 and 3/4 of the depth); for a
-            vision-language model, the block whose output the model reads.
+            vision-language model, the block whose output the model reads (also for the vision towers of
+            Qwen3-VL, Qwen3.5 and GLM-4.xV alone: their last block, which their connector reads).
         stat, query: the score (``"var"`` / ``"mad"`` / ``"mean"``; ``"cls"`` / ``"mean"``, see docs/semantics.md).
             ``query`` defaults to ``"cls"`` for models with a class token and ``"mean"`` for the others
             (SigLIP, global-pooling ViTs without one); ``"cls"`` on a model without a class token raises.

@@ -100,7 +100,9 @@ def plan_encoder(encoder: Encoder, options: Options) -> EncoderPlan:
     check_choice("mode", options.mode, MODES)
     depth, full = len(encoder.blocks), encoder.full_attention
     layers = options.layers
-    if layers is None:
+    if layers is None and family.default_blocks is not None:
+        layers = tuple(i % depth for i in family.default_blocks)
+    elif layers is None:
         layers = default_layers(depth) if full is None else default_full_attention_layers(depth, full)
     chosen = _layers(layers, depth)
     per_layer = amounts(options.keep_rate, options.tokens, len(chosen))

@@ -61,6 +61,10 @@ class Family:
     # attend within windows, and only these can score (Qwen2.5-VL's tower, :mod:`pruneattn.patch.windowed`)
     merge_from: str | None = None  # attribute path of the encoder's merge size m: its connector merges m x m
     # patches into one token, so they are scored and kept as one unit (:mod:`pruneattn.patch.windowed`)
+    deepstack: str | None = None  # attribute path of the encoder's extra mergers, run on the output of earlier
+    # blocks, whose features it returns beside its output (Qwen3-VL's DeepStack): they follow the kept units too
+    default_blocks: tuple[int, ...] | None = None  # the default pruning blocks (negative: from the end, -1 the
+    # last); None: EViT's (:func:`pruneattn.patch.default_layers`)
 
 
 def attribute(obj: object, path: str) -> object:
@@ -127,6 +131,10 @@ _VIT_LAYER = (Residual("attention", norm="layernorm_before", after=("dropout",))
 _CLIP_LAYER = (Residual("self_attn", norm="layer_norm1"), Residual("mlp", norm="layer_norm2"))
 _QWEN_BLOCK = (Residual("attn", norm="norm1"), Residual("mlp", norm="norm2"))
 _QWEN_ATTENTION = HFAttention(out="proj", scale="scaling", dropout="attention_dropout", qkv="qkv", rotary_float32=True)
+_MERGED_UNITS = ("images of any size packed in one sequence; pruned per image, whole 2 x 2 merged units, k per "
+                 "image, by default in the last block (the one its merger reads), earlier blocks with `layers=`; "
+                 "`pooler_output` holds the kept merged units and `kept_units` their places; no class token: "
+                 "query='mean'; mode='drop'")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -323,6 +331,30 @@ FAMILIES: tuple[Family, ...] = (
         attention=_QWEN_ATTENTION,
         merge_from="spatial_merge_size",
     ),
+    Family(
+        "Hugging Face Qwen3-VL vision", "transformers", ("Qwen3VLVisionModel", "Qwen3VLMoeVisionModel"),
+        f"the vision towers of Qwen/Qwen3-VL-* and Qwen3-VL-MoE ({_MERGED_UNITS}; the DeepStack features hold the "
+        "same kept units, in the same order, wherever their blocks sit)",
+        (Sequential("Qwen3VLVisionBlock", *_QWEN_BLOCK), Sequential("Qwen3VLMoeVisionBlock", *_QWEN_BLOCK)),
+        layers="blocks", encoder=("Qwen3VLVisionModel", "Qwen3VLMoeVisionModel"), prefix=0, class_token=False,
+        attention=_QWEN_ATTENTION, merge_from="spatial_merge_size", deepstack="deepstack_merger_list",
+        default_blocks=(-1,),
+    ),
+    Family(
+        "Hugging Face Qwen3.5 vision", "transformers", ("Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"),
+        f"the vision towers of Qwen/Qwen3.5-* and Qwen3.5-MoE ({_MERGED_UNITS})",
+        (Sequential("Qwen3_5VisionBlock", *_QWEN_BLOCK), Sequential("Qwen3_5MoeVisionBlock", *_QWEN_BLOCK)),
+        layers="blocks", encoder=("Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"), prefix=0, class_token=False,
+        attention=_QWEN_ATTENTION, merge_from="spatial_merge_size", default_blocks=(-1,),
+    ),
+    Family(
+        "Hugging Face GLM-4.1V / 4.5V / 4.6V vision", "transformers", ("Glm4vVisionModel", "Glm4vMoeVisionModel"),
+        f"the vision towers of zai-org/GLM-4.1V-*, GLM-4.5V, GLM-4.6V ({_MERGED_UNITS}; its 2 x 2 strided "
+        "downsample reads whole kept units, and `last_hidden_state` holds them downsampled)",
+        (Sequential("Glm4vVisionBlock", *_QWEN_BLOCK), Sequential("Glm4vMoeVisionBlock", *_QWEN_BLOCK)),
+        layers="blocks", encoder=("Glm4vVisionModel", "Glm4vMoeVisionModel"), prefix=0, class_token=False,
+        attention=_QWEN_ATTENTION, merge_from="spatial_merge_size", default_blocks=(-1,),
+    ),
 )
 
 
@@ -378,9 +410,13 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
 )
 
 _REL_POS = "its attention adds a relative position bias per token pair, which the fused kernels do not take"
-_DEEPSTACK = ("its language model adds DeepStack features, taken from earlier tower blocks for every merged unit, "
-              "at the image positions of several of its layers; pruneattn does not restrict them to the kept units "
-              "yet, so it refuses rather than mix pruned and unpruned features (Qwen2.5-VL and Qwen2-VL prune)")
+_TOWER_ALONE = ("patch its vision tower (`model.visual` of the base model, `model.model.visual` of the generation "
+                "model) for pruned features, or a Qwen2.5-VL or Qwen2-VL model, which prune end to end")
+_DEEPSTACK = ("its language model adds the vision tower's DeepStack features at the image positions of its first "
+              "layers, and its prompt and M-RoPE positions would have to be shortened to the kept units, which "
+              f"pruneattn does not do for it; {_TOWER_ALONE}")
+_MERGED_LM = ("its prompt and M-RoPE positions would have to be shortened to the kept units, which pruneattn does not "
+              f"do for it; {_TOWER_ALONE}")
 # Model classes that look like ViTs but whose attention pruneattn cannot reproduce: (library, class) -> why.
 REFUSED: dict[tuple[str, str], str] = {
     ("timm", "Beit"): _REL_POS,
@@ -404,9 +440,18 @@ REFUSED: dict[tuple[str, str], str] = {
     "tiles and adds newline tokens, so the image tokens are not one fixed grid per image",
     ("transformers", "Qwen3VLForConditionalGeneration"): _DEEPSTACK,
     ("transformers", "Qwen3VLModel"): _DEEPSTACK,
-    ("transformers", "Qwen3VLVisionModel"): "its tower also hands out DeepStack features from earlier blocks "
-    "for every patch, and adds learned position embeddings interpolated to each image, which pruneattn does "
-    "not restrict to the kept units; patch a Qwen2.5-VL or Qwen2-VL model, whose towers prune",
+    ("transformers", "Qwen3VLMoeForConditionalGeneration"): _DEEPSTACK,
+    ("transformers", "Qwen3VLMoeModel"): _DEEPSTACK,
+    ("transformers", "Qwen3_5ForConditionalGeneration"): _MERGED_LM,
+    ("transformers", "Qwen3_5Model"): _MERGED_LM,
+    ("transformers", "Qwen3_5MoeForConditionalGeneration"): _MERGED_LM,
+    ("transformers", "Qwen3_5MoeModel"): _MERGED_LM,
+    ("transformers", "Glm4vForConditionalGeneration"): _MERGED_LM,
+    ("transformers", "Glm4vModel"): _MERGED_LM,
+    ("transformers", "Glm4vMoeForConditionalGeneration"): _MERGED_LM,
+    ("transformers", "Glm4vMoeModel"): _MERGED_LM,
+    ("transformers", "Glm46VForConditionalGeneration"): _MERGED_LM,
+    ("transformers", "Glm46VModel"): _MERGED_LM,
     ("transformers", "Gemma3ForConditionalGeneration"): "its projector average-pools 4 x 4 patches into one "
     "language-model token, so whole pooled units would have to be kept, which pruneattn does not do for it",
     ("transformers", "Idefics3Model"): "its connector merges patches by pixel shuffle and it splits images "

@@ -79,6 +79,7 @@ class PackedTokens:
     window_index: torch.Tensor  # (U,) raster index (among all units) of each unit, in packed order
     rows: torch.Tensor | None = None  # (T',) input positions of the remaining tokens; None: all remain
     rebuilt: dict = field(default_factory=dict)  # boundaries and rotary tables rebuilt for them, per kind
+    features: list = field(default_factory=list)  # the extra (DeepStack) mergers' outputs, all units' places
 
 
 class ForwardFailed:

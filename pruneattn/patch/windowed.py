@@ -1,11 +1,13 @@
-"""Towers that merge units of tokens: Qwen2-VL's and Qwen2.5-VL's vision towers.
+"""Towers that merge units of tokens: the vision towers of Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and -MoE),
+Qwen3.5 (and -MoE) and GLM-4.1V / 4.5V / 4.6V.
 
 The tower packs the patches of all its images (each frame of a video: one image) into one sequence;
 every run of ``unit`` (2 x 2 = 4) consecutive tokens is one unit that its merger joins into one
-language-model token. Qwen2.5-VL's tower reorders the units so that each window of patches is
+language-model token (GLM's tower first downsamples each unit by a 2 x 2 strided convolution, which
+reads those same 4 tokens). Qwen2.5-VL's tower reorders the units so that each window of patches is
 contiguous, and most of its blocks attend within windows (``cu_window_seqlens``), a few over each
-whole image (``cu_seqlens``); Qwen2-VL's keeps the units in raster order and attends over each image
-in every block.
+whole image (``cu_seqlens``); the other towers keep the units in raster order and attend over each
+image in every block.
 
 - Pruning runs only in full-attention blocks: q, k, v of the whole sequence at once, then each image's
   attention over its own tokens (no padding, no mask), its units scored (the statistic over heads of
@@ -18,7 +20,13 @@ in every block.
   and the rotary tables of the kept tokens.
 - The merger merges the kept units; the tower's output puts them back in raster order per image, so
   ``pooler_output`` holds the kept units of each image in raster order, images one after the other;
-  ``last_hidden_state`` holds the kept tokens in the tower's window order.
+  ``last_hidden_state`` holds the kept tokens in the tower's window order (GLM: the kept units,
+  downsampled).
+- DeepStack (Qwen3-VL): the extra mergers that the tower runs on the output of some blocks see the
+  tokens that remain at that block (all of them before the first pruning block). Each of their outputs
+  is put at its units' places among all units, like the merger's, and the tower's output keeps the rows
+  of the kept units only, so every DeepStack feature has the rows of ``pooler_output``, in the same
+  order (the tower's packed order, which is raster order for a tower without windows).
 """
 from __future__ import annotations
 
@@ -166,61 +174,106 @@ def _begin(tower: nn.Module, args: tuple, kwargs: dict) -> None:
     state.packed = PackedTokens(order)
 
 
+def _in_place(packed: PackedTokens, unit: int, rows: torch.Tensor) -> torch.Tensor:
+    """Merged ``rows`` (one per remaining unit, packed order) at their units' places among all units
+    (zeros elsewhere)."""
+    full = rows.new_zeros((packed.window_index.numel(), rows.shape[-1]))
+    return full.index_copy_(0, packed.rows[::unit] // unit, rows)
+
+
 def _merged_in_place(merger: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     """Forward hook of the merger: its rows (kept units, packed order) go back to their units' places
-    among all units (zeros elsewhere), so that the tower's own reordering to raster order holds."""
+    among all units, so that the tower's own reordering to raster order holds."""
     how: Windowed = merger._pruneattn_windowed
     state = current(how.plan)
     if state is None or state.packed is None or state.packed.rows is None:
         return None
+    return _in_place(state.packed, how.unit, output)
+
+
+def _extra_in_place(merger: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of an extra (DeepStack) merger: its rows at their units' places among all units (as
+    the merger's), recorded so that the call's end keeps the rows of the units kept by then."""
+    how: Windowed = merger._pruneattn_windowed
+    state = current(how.plan)
+    if state is None or state.packed is None:
+        return None
     packed = state.packed
-    full = output.new_zeros((packed.window_index.numel(), output.shape[-1]))
-    return full.index_copy_(0, packed.rows[:: how.unit] // how.unit, output)
+    if packed.rows is not None:
+        output = _in_place(packed, how.unit, output)
+    packed.features.append(output)
+    return output
 
 
 def _end(tower: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-    """Close the call: ``pooler_output`` keeps the merged rows of the kept units (raster order), and a
-    dict output gains ``kept_units``: (images, k) int64, each image's kept units (raster indices into its
-    grid of units, ascending, padded with -1), the same as ``kept_indices`` of this call's last pruning
-    block, carried with the output so that its caller reads this call's own units."""
+    """Close the call: ``pooler_output`` (and each DeepStack feature) keeps the merged rows of the kept
+    units (raster order), and a dict output gains ``kept_units``: (images, k) int64, each image's kept
+    units (raster indices into its grid of units, ascending, padded with -1), the same as
+    ``kept_indices`` of this call's last pruning block, carried with the output so that its caller reads
+    this call's own units."""
     how: Windowed = tower._pruneattn_windowed
     state = current(how.plan)
     if state is None:
         return None
+    finished = False
     try:
         packed = state.packed
         if output is not None and packed is not None and packed.rows is not None:
             output = _keep_units(packed, how.unit, output)
             if not isinstance(output, tuple) and state.kept:
                 output["kept_units"] = composed_kept(state)[max(state.kept)]
+        finished = output is not None
     finally:
-        end(state, output is not None)
+        end(state, finished)
     return output
 
 
 def _keep_units(packed: PackedTokens, unit: int, output: object) -> object:
-    """``output`` with the rows of its ``pooler_output`` (all units, raster order) cut to the kept units."""
+    """``output`` with the rows of its ``pooler_output`` (all units, raster order) and of its DeepStack
+    features (all units, packed order) cut to the kept units."""
     order = packed.window_index
+    units = packed.rows[::unit] // unit  # packed positions of the kept units
     kept = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
-    kept[order[packed.rows[::unit] // unit]] = True
+    kept[order[units]] = True
+    present = torch.zeros_like(kept)
+    present[units] = True
+    recorded = packed.features
+    found = not recorded
+
+    def cut(value: object) -> object:
+        nonlocal found
+        if isinstance(value, list) and len(value) == len(recorded) and all(a is b for a, b in zip(value, recorded)):
+            found = True
+            return [feature[present] for feature in value]
+        return value
+
     if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, pooler_output, ...)
-        return (output[0], output[1][kept], *output[2:])
-    output["pooler_output"] = output["pooler_output"][kept]
+        output = (output[0], output[1][kept], *(cut(value) for value in output[2:]))
+    else:
+        output["pooler_output"] = output["pooler_output"][kept]
+        for key, value in list(output.items()):
+            output[key] = cut(value)
+    if not found:
+        raise RuntimeError(
+            "pruneattn: the output of this tower does not hold its DeepStack features as the list its forward made, "
+            "so the DeepStack features cannot be cut to the kept units; return the tower's own output unchanged"
+        )
     return output
 
 
 def attach(family: Family, tower: nn.Module, plan: Plan, unit: int) -> None:
-    """Hook the tower's calls, its merger and every block after the first pruning block."""
+    """Hook the tower's calls, its mergers and every block after the first pruning block."""
     how = Windowed(plan, unit)
     tower._pruneattn_plan = plan
     tower._pruneattn_windowed = how
-    merger = attribute(tower, "merger")
-    merger._pruneattn_plan, merger._pruneattn_windowed = plan, how
     tower._pruneattn_hooks = (
         tower.register_forward_pre_hook(_begin, with_kwargs=True),
         tower.register_forward_hook(_end, with_kwargs=True, always_call=True),
     )
-    merger._pruneattn_hooks = (merger.register_forward_hook(_merged_in_place),)
+    extra = [] if family.deepstack is None else list(attribute(tower, family.deepstack))
+    for merger, hook in ((attribute(tower, "merger"), _merged_in_place), *((m, _extra_in_place) for m in extra)):
+        merger._pruneattn_plan, merger._pruneattn_windowed = plan, how
+        merger._pruneattn_hooks = (merger.register_forward_hook(hook),)
     for i, block in enumerate(blocks_of(family, tower)):
         block._pruneattn_plan = plan
         if i > plan.layers[0] and i not in plan.layers:

@@ -55,6 +55,29 @@ def test_relative_links_stay_in_repo(doc: Path) -> None:
     assert not bad, f"{doc.name}: links that leave the repository or name no file: {bad}"
 
 
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of ``text``: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_anchor_parser() -> None:
+    assert anchors("# A b\n## `patch`, `unpatch`\n```\n# not a heading\n```\n") == {"a-b", "patch-unpatch"}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_to_sections_find_them(doc: Path) -> None:
+    bad = []
+    for target in _LINK.findall(read(doc)):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or "#" not in target:
+            continue
+        file, anchor = target.split("#", 1)
+        page = (doc.parent / file).resolve() if file else doc
+        if page.suffix == ".md" and anchor not in anchors(read(page)):
+            bad.append(target)
+    assert not bad, f"{doc.name}: links to sections that do not exist: {bad}"
+
+
 def test_readme_is_a_short_guide_in_order() -> None:
     text = read(README)
     assert len(text.splitlines()) <= MAX_README_LINES

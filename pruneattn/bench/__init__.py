@@ -16,7 +16,8 @@
                                          --cpu-ops --cpu-models on a CPU
 
 ``--out DIR`` writes ``<suite>.json`` (every number with device, versions, dtype, shapes, date),
-``<suite>.md`` and ``<suite>.png`` into DIR; a table is printed either way. ``--smoke`` runs tiny
+``<suite>.md`` and ``<suite>.png`` into DIR; a table is printed either way, followed by what each of its
+columns holds (docs/performance.md lists every column). ``--smoke`` runs tiny
 shapes once and skips the peak-memory subprocesses (seconds: what CI runs); its outputs say so and judge
 no target. Timings are printed, never asserted.
 """

@@ -152,3 +152,13 @@ def test_readme_names_no_class_the_registry_does_not_know() -> None:
 def test_semantics_doc_exists_and_is_linked() -> None:
     assert (ROOT / "docs" / "semantics.md").is_file()
     assert "docs/semantics.md" in relative_links(read(README))
+
+
+def test_readme_performance_table_is_a_measured_one() -> None:
+    """Every row of the README's performance table is a row of docs/performance.md, where its run's date and
+    conditions are (so that the two cannot drift apart)."""
+    section = read(README).split("## Performance", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(rows) >= 3
+    measured = read(ROOT / "docs" / "performance.md").splitlines()
+    assert [r for r in rows if r not in measured] == []

@@ -26,7 +26,8 @@ setup(
     ],
     extras_require={
         # tqdm: progress bars of the demo, the training and the benchmarks (they run without them).
-        "models": ["timm>=1.0.31", "transformers>=5.24", "matplotlib", "tqdm"],
+        # accelerate: transformers' from_pretrained(..., device_map=...) needs it (the pretrained LLaVA example).
+        "models": ["timm>=1.0.31", "transformers>=5.24", "matplotlib", "tqdm", "accelerate"],
         "bench": ["matplotlib", "tqdm"],
         "test": [
             "pytest>=8",

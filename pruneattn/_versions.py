@@ -1,7 +1,7 @@
 """Supported versions of the dependencies, and the combinations known to be broken.
 
-:data:`SUPPORTED` is the README's supported-versions table: the floors that ``setup.py`` declares and
-the version matrix (``tools/matrix.sh``) tests, and the newest versions it tested.
+:data:`SUPPORTED` is the supported-versions table of docs/versions.md: the floors that ``setup.py`` declares
+and the version matrix (``tools/matrix.sh``) tests, and the newest versions it tested.
 :func:`check_interpreter` refuses a combination that is known to break Triton's CPU interpreter, naming
 the fix; ``pruneattn.kernels`` calls it on import when ``TRITON_INTERPRET=1`` is set.
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 __all__ = ["SUPPORTED", "BrokenCombination", "Supported", "check_interpreter", "installed", "interpreter_problems",
-           "readme_table", "release"]
+           "release", "versions_table"]
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def check_interpreter(versions: dict[str, str | None] | None = None) -> None:
         raise RuntimeError("\n".join(problems))
 
 
-def readme_table() -> str:
-    """The README's supported-versions table (Markdown)."""
+def versions_table() -> str:
+    """The supported-versions table of docs/versions.md (Markdown; tests/test_versions.py checks the page)."""
     rows = ["| | lowest tested (declared in `setup.py`) | newest tested | notes |", "|---|---|---|---|"]
     rows += [f"| {s.name} | {s.floor} | {s.newest} | {s.note} |" for s in SUPPORTED]
     return "\n".join(rows)

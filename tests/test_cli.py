@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import pruneattn
 from pruneattn import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_command_with_a_line(capsys):
@@ -47,3 +52,14 @@ def test_command_help_shows_defaults_and_no_planning_words(command, capsys):
     out = capsys.readouterr().out
     assert "default" in out
     assert not re.search(r"\bissue\s*\d|\bpart\s*\d", out, re.I), out
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_command_help_imports_no_torch(command):
+    """``pruneattn COMMAND --help`` answers without importing torch, numpy or triton (seconds otherwise)."""
+    code = ("import sys\nfrom pruneattn import cli\n"
+            f"try:\n    cli.main([{command!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'triton') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"pruneattn {command}" in res.stdout and res.stdout.splitlines()[-1] == "[]", res.stdout[-500:]

@@ -1,5 +1,6 @@
 """``pruneattn demo`` end to end on the shipped model and sample (quick mode), and its picture."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys, fast_backend):
     assert "46/33/24" in text  # tokens after blocks 3/6/9 at keep 0.7 of 64 patches (+ class token)
     assert "(class token + patches)" in text and f"wrote {out.resolve()}" in text
     assert "--log" not in text and "pruneattn.fashion_mnist.train" in text
+    assert f"--out {demo.TRAIN_OUT}" in text and f"pruneattn demo --weights {demo.TRAIN_OUT}" in text
     assert out.is_file() and out.stat().st_size > 20_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -53,6 +55,9 @@ def test_demo_via_cli_and_picture_content(tmp_path, monkeypatch, capsys, fast_ba
     img = matplotlib.image.imread(out)
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
     assert img[..., :3].std() > 0.1  # not a blank canvas
+    near = np.abs(img[..., :3] - np.asarray(demo.DROPPED_COLOR)).max(-1) < 0.05
+    hatch = np.abs(img[..., :3] - np.asarray(demo.HATCH_COLOR)).max(-1) < 0.2
+    assert near.mean() > 0.05 and hatch.mean() > 0.005  # dropped patches are drawn, hatched
     with pytest.raises(datasets.DatasetMissing):
         demo.main(["--full", "yes", "--out", str(tmp_path / "e.png")])
 
@@ -86,10 +91,40 @@ def test_demo_writes_outside_the_working_directory_by_default(capsys):
     assert str(demo.DEFAULT_OUT) in " ".join(capsys.readouterr().out.split())
 
 
-def test_training_command_names_the_module_and_no_log_file():
+def test_training_command_names_the_module_and_no_log_file(tmp_path):
     meta = {"command": "python -m pruneattn.train --epochs 2 --log /tmp/runs/train.log --out pruneattn/data/x.pt --log=/y"}
-    assert demo.training_command(meta) == "python -m pruneattn.fashion_mnist.train --epochs 2 --out pruneattn/fashion_mnist/data/x.pt"
+    out = tmp_path / "mine.pt"
+    assert demo.training_command(meta, out) == f"python -m pruneattn.fashion_mnist.train --epochs 2 --out {out}"
     assert demo.training_command({}) == "?"
+
+
+def test_training_command_never_writes_over_the_shipped_model():
+    """The shipped model's own command wrote to the shipped file, and the training's default is that file:
+    the printed command names another one, with or without an --out of its own."""
+    from pruneattn.fashion_mnist.train import DEFAULT_WEIGHTS, load_model
+
+    _, ckpt = load_model()
+    shipped = str(ckpt["meta"]["command"])
+    assert "--out" in shipped  # what the check below rewrites
+    for command in (shipped, "python -m pruneattn.fashion_mnist.train --epochs 2",
+                    f"python -m pruneattn.fashion_mnist.train --out={DEFAULT_WEIGHTS}"):
+        words = demo.training_command({"command": command}).split()
+        assert words.count("--out") == 1 and not any(w.startswith("--out=") for w in words), words
+        target = Path(words[words.index("--out") + 1]).resolve()
+        assert target == demo.TRAIN_OUT.resolve() and target != DEFAULT_WEIGHTS.resolve()
+
+
+def test_dropped_patches_have_a_colour_no_image_pixel_has():
+    """Kept pixels are grey (the image), dropped ones the dropped colour, far from every grey."""
+    img = np.arange(0, 256, 4, dtype=np.uint8).reshape(8, 8)  # every shade from black to near white
+    keep = np.zeros((8, 8), dtype=bool)
+    keep[:, :4] = True
+    rgb = demo.panel_rgb(img, keep)
+    assert rgb.shape == (8, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    kept, dropped = rgb[keep], rgb[~keep]
+    assert np.allclose(kept, img[keep, None] / 255.0)  # grey: r == g == b
+    assert np.allclose(dropped, demo.DROPPED_COLOR)
+    assert np.ptp(np.asarray(demo.DROPPED_COLOR)) > 0.5  # far from r == g == b
 
 
 def test_panel_titles_count_patches_and_show_the_prediction():

@@ -40,6 +40,32 @@ def test_readme_says_the_size_of_the_default_install():
     assert "about 3 GB" in section and "5.8 GB on disk" in section and "CUDA libraries" in section
 
 
+MAIN_JOB = 'pip install torch==2.14.1 torchvision==0.29.1 && pip install -e ".[models]" && pruneattn demo'
+TESTS = 'pip install torch==2.14.1 torchvision==0.29.1 && pip install -e ".[test]" && python -m pytest -q -n 2'
+CPU_TORCH = "pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def test_readme_gives_the_two_commands_and_the_data_apart():
+    """Exactly the main job and the tests, each one line; Debian's data set in a block of its own, so that
+    a machine without apt-get still installs and runs."""
+    blocks = _bash_blocks(_install_section())
+    commands = [b for b in blocks if "pip install torch==" in b]
+    assert commands == [MAIN_JOB, TESTS]
+    apt = [b for b in blocks if "apt-get install -y dataset-fashion-mnist" in b]
+    assert len(apt) == 1 and "pip" not in apt[0]
+
+
+def test_readme_puts_both_torch_builds_side_by_side_with_durations():
+    section = _install_section()
+    assert CPU_TORCH in section and "`pip install torch==2.14.1 torchvision==0.29.1`" in section
+    assert section.index(CPU_TORCH) < section.index(MAIN_JOB)  # chosen before the commands run
+    assert "about 90 s" in section and "10 to 25 minutes" in section
+
+
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

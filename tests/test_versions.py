@@ -1,4 +1,4 @@
-"""Supported versions: the README's table, setup.py's floors and the committed version matrix agree,
+"""Supported versions: the table of docs/versions.md, setup.py's floors and the committed version matrix agree,
 and Triton's CPU interpreter refuses the combinations known to break it, naming the fix."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pruneattn import _versions
-from pruneattn._versions import SUPPORTED, check_interpreter, interpreter_problems, readme_table, release
+from pruneattn._versions import SUPPORTED, check_interpreter, interpreter_problems, release, versions_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX = ROOT / "benchmarks" / "results" / "matrix"
@@ -64,10 +64,14 @@ def test_the_kernels_refuse_a_broken_combination_on_import():
     assert 'pip install "numpy<2.4"' in res.stderr
 
 
-def test_readme_table_is_the_supported_versions():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_versions_page_table_is_the_supported_versions():
+    text = (ROOT / "docs" / "versions.md").read_text(encoding="utf-8")
     table = text.split("<!-- supported versions:", 1)[1].split("-->", 1)[1]
-    assert table.split("<!-- end of supported versions -->", 1)[0].strip() == readme_table()
+    assert table.split("<!-- end of supported versions -->", 1)[0].strip() == versions_table()
+
+
+def test_readme_links_the_versions_page():
+    assert "(docs/versions.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _setup_kwargs() -> dict:

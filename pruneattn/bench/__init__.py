@@ -16,7 +16,8 @@
                                          --cpu-ops --cpu-models on a CPU
 
 ``--out DIR`` writes ``<suite>.json`` (every number with device, versions, dtype, shapes, date),
-``<suite>.md`` and ``<suite>.png`` into DIR; a table is printed either way. ``--smoke`` runs tiny
+``<suite>.md`` and ``<suite>.png`` into DIR; a table is printed either way, followed by what each of its
+columns holds (docs/performance.md lists every column). ``--smoke`` runs tiny
 shapes once and skips the peak-memory subprocesses (seconds: what CI runs); its outputs say so and judge
 no target. Timings are printed, never asserted.
 """
@@ -37,6 +38,25 @@ SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only 
 # largest temporary stay).
 TIMING_VERDICTS = frozenset({"cls_ok", "mean_ok", "bound_ok", "over_evit_ok", "batch1_ok", "deit_s_b16_ok", "memory_ok",
                              "ttft_bound_ok", "over_eager_ok", "below_eager_peak_ok", "below_unpatched_peak_ok"})
+
+
+# The columns of each suite's printed table (every one explained in pruneattn/bench/legend.py).
+CPU_OPS_COLUMNS = ["B", "H", "N", "candidate", "median_ms", "q1_ms", "q3_ms", "x_sdpa"]
+CPU_MODELS_COLUMNS = ["model", "img_size", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
+                      "bound_fraction", "block_time_bound", "over_evit", "alloc_peak_mb", "forward_peak_mb"]
+OPS_COLUMNS = ["suite", "dtype", "B", "H", "N", "candidate", "median_ms", "ratio", "roof"]
+MODELS_COLUMNS = ["suite", "model", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
+                  "over_evit", "peak_mem_mb"]
+VLM_COLUMNS = ["model", "batch", "config", "prompt_tokens_to_lm", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms",
+               "ttft_speedup", "ttft_flop_bound", "bound_fraction", "over_eager", "ttft_cpu_s",
+               "bound_fraction_cpu", "over_eager_cpu", "decode_ms_per_step", "decode_tok_s", "decode_speedup",
+               "decode_flop_bound", "peak_mb", "same_kept_as_eager"]
+VLM_SUMMARY_COLUMNS = ["target", "met", "missed", "met_on_cpu_time", "missed_on_cpu_time"]
+VLM_MODEL_COLUMNS = ["model", "tower_M", "projector_M", "language_model_M", "total_M", "placeholders", "text_tokens",
+                     "q_scale"]
+VLM_QWEN_COLUMNS = ["batch", "images", "config", "image_tokens_to_lm", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms",
+                    "ttft_speedup", "ttft_flop_bound", "bound_fraction", "ttft_cpu_s", "decode_ms_per_step",
+                    "decode_tok_s", "decode_speedup", "decode_flop_bound", "peak_mb", "same_kept_as_eager"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +107,7 @@ def _mark_smoke(res: dict) -> dict:
 
 def _section(title: str, env: dict, rows: list[dict], columns: list[str], extra: str = "",
              end_load: float | None = None, smoke: bool = False) -> tuple[str, str]:
+    from pruneattn.bench.legend import legend
     from pruneattn.bench.report import markdown_table, text_table
 
     cols = [c for c in columns if any(c in r for r in rows)]
@@ -94,19 +115,33 @@ def _section(title: str, env: dict, rows: list[dict], columns: list[str], extra:
     if smoke:
         title = f"{title} (smoke run)"
         line = f"{SMOKE_NOTE}\n\n{line}"
-    md = f"# {title}\n\n{line}\n\n{markdown_table(rows, cols)}\n{extra}"
-    txt = f"== {title}\n{line}\n{text_table(rows, cols)}\n{extra}"
+    md = f"# {title}\n\n{line}\n\n{markdown_table(rows, cols)}\n\n{_md_legend(cols)}\n{extra}"
+    txt = f"== {title}\n{line}\n{text_table(rows, cols)}\n{legend(cols)}\n{extra}"
     return md, txt
 
 
-def _checks_md(checks: list[dict], smoke: bool = False) -> str:
+def _md_legend(columns: list[str]) -> str:
+    """The Markdown legend of a table's columns: one bullet per column."""
+    from pruneattn.bench.legend import COLUMNS
+
+    return "Columns:\n\n" + "\n".join(f"- `{c}`: {COLUMNS.get(c, '')}" for c in columns) + "\n"
+
+
+def _table_md(rows: list[dict], columns: list[str], explained: list[str] | tuple[str, ...] = ()) -> str:
+    """A Markdown table and the legend of its columns (those not in ``explained``, which a table above has)."""
     from pruneattn.bench.report import markdown_table
 
+    new = [c for c in columns if c not in explained]
+    return markdown_table(rows, columns) + "\n\n" + (_md_legend(new) if new else "")
+
+
+def _checks_md(checks: list[dict], smoke: bool = False, explained: list[str] | tuple[str, ...] = ()) -> str:
+    """The targets table (a smoke run: the measured values alone), with the legend of its new columns."""
     if not checks:
         return ""
     cols = list(dict.fromkeys(k for c in checks for k in c if not isinstance(c[k], dict)))
     title = "Measured values (smoke run: no speed target judged)" if smoke else "Targets"
-    return f"\n## {title}\n\n" + markdown_table(checks, cols) + "\n"
+    return f"\n## {title}\n\n" + _table_md(checks, cols, explained)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             _mark_smoke(res)
         extra = _checks_md([{k: v for k, v in c.items() if k != "mean_largest_temporary"} | {
             "mean_largest_temp": str(c["mean_largest_temporary"]["largest_shape"]),
-            "one_chunk_numel": c["mean_largest_temporary"]["one_query_chunk_numel"]} for c in res["checks"]], args.smoke)
-        extra += "\nop layer overhead (us, tiny input): " + ", ".join(f"{k} {v:.1f}" for k, v in res["op_overhead_us"].items()) + "\n"
+            "one_chunk_numel": c["mean_largest_temporary"]["one_query_chunk_numel"]} for c in res["checks"]], args.smoke,
+            CPU_OPS_COLUMNS)
+        extra += ("\nop layer overhead (microseconds per call on a tiny input; op: the public function, custom op only: "
+                  "torch.ops.pruneattn.attention_stats called directly, cpu path: the CPU implementation alone): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in res["op_overhead_us"].items()) + "\n")
         md, txt = _section("CPU attention + scores vs SDPA alone vs eager", res["environment"], res["rows"],
-                           ["B", "H", "N", "candidate", "median_ms", "q1_ms", "q3_ms", "x_sdpa"], extra,
+                           CPU_OPS_COLUMNS, extra,
                            res["load_average_end"], smoke=args.smoke)
         print(txt)
         _write(args.out, "cpu_ops", res, md, plot)
@@ -147,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             _mark_smoke(res)
         md, txt = _section("CPU models: unpatched vs pruneattn vs EViT-style eager", res["environment"], res["rows"],
-                           ["model", "img_size", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
-                            "bound_fraction", "block_time_bound", "over_evit", "alloc_peak_mb", "forward_peak_mb"], _checks_md(res["checks"], args.smoke),
+                           CPU_MODELS_COLUMNS, _checks_md(res["checks"], args.smoke, CPU_MODELS_COLUMNS),
                            res["load_average_end"], smoke=args.smoke)
         print(txt)
         _write(args.out, stem, res, md, models_cpu.plot)
@@ -159,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             _mark_smoke(res)
         md, txt = _section("Op-level suite", res["environment"], ops_suite.summary(res["rows"]),
-                           ["suite", "dtype", "B", "H", "N", "candidate", "median_ms", "ratio", "roof"], smoke=args.smoke)
+                           OPS_COLUMNS, smoke=args.smoke)
         print(txt)
         _write(args.out, "ops", res, md, ops_suite.plot)
         if args.out and res["choices"]:
@@ -176,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             _mark_smoke(res)
         md, txt = _section("Model-level suite", res["environment"], res["rows"],
-                           ["suite", "model", "batch", "config", "median_ms", "images_per_s", "speedup", "flop_bound",
-                            "over_evit", "peak_mem_mb"], smoke=args.smoke)
+                           MODELS_COLUMNS, smoke=args.smoke)
         print(txt)
         _write(args.out, "models", res, md, models_gpu.plot)
     if "vlm" in chosen:
@@ -208,10 +244,7 @@ def _run_vlm_qwen(args: argparse.Namespace, progress: bool) -> None:
              "`eager last block`: the same pruning with the scoring attention built from the N x N weights; "
              "`same_kept_as_eager`: both keep the same units.\n")
     md, txt = _section("Qwen2.5-VL-shaped model: unpatched vs pruneattn vs an eager last block", res["environment"],
-                       res["rows"], ["batch", "images", "config", "image_tokens_to_lm", "ttft_ms", "ttft_q1_ms",
-                                     "ttft_q3_ms", "ttft_speedup", "ttft_flop_bound", "bound_fraction", "ttft_cpu_s",
-                                     "decode_ms_per_step", "decode_tok_s", "decode_speedup", "decode_flop_bound",
-                                     "peak_mb", "same_kept_as_eager"],
+                       res["rows"], VLM_QWEN_COLUMNS,
                        extra, res["load_average_end"], smoke=args.smoke)
     print(txt)
     _write(args.out, "vlm_qwen", res, md, None)
@@ -219,7 +252,6 @@ def _run_vlm_qwen(args: argparse.Namespace, progress: bool) -> None:
 
 def _run_vlm(args: argparse.Namespace, device, progress: bool) -> None:
     from pruneattn.bench import vlm, vlm_models
-    from pruneattn.bench.report import markdown_table
 
     if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
         print("note: OMP_WAIT_POLICY is not PASSIVE; on a shared CPU set it before starting (see benchmarks/NOTES.md)")
@@ -242,19 +274,16 @@ def _run_vlm(args: argparse.Namespace, device, progress: bool) -> None:
              f"{reader} above the weights, during a {st['memory_run']}. FLOP bounds: `pruneattn/bench/vlm_flops.py` (matmul FLOPs "
              "of the prefill / of a decode step, unpatched over the configuration). `same_kept_as_eager`: share of "
              "pruneattn drop's kept patches that the eager baseline keeps too (same images, same k).\n")
-    extra += _checks_md(res["checks"], args.smoke)
+    extra += _checks_md(res["checks"], args.smoke, VLM_COLUMNS)
     if not args.smoke:
-        extra += "\n## Summary of the targets\n\n" + markdown_table(vlm.summary(res["checks"]), ["target", "met", "missed", "met_on_cpu_time", "missed_on_cpu_time"]) + "\n"
-    extra += "\n## Models\n\n" + markdown_table(
+        extra += "\n## Summary of the targets\n\n" + _table_md(vlm.summary(res["checks"]), VLM_SUMMARY_COLUMNS)
+    extra += "\n## Models\n\n" + _table_md(
         [{"model": m["model"], **{f"{k}_M": v / 1e6 for k, v in m["parameters"].items()},
           "placeholders": m["placeholders_per_image"], "text_tokens": m["text_tokens"], "q_scale": m["q_scale"]}
          for m in res["models"]],
-        ["model", "tower_M", "projector_M", "language_model_M", "total_M", "placeholders", "text_tokens", "q_scale"]) + "\n"
+        VLM_MODEL_COLUMNS, VLM_COLUMNS)
     md, txt = _section("Vision-language models: unpatched vs pruneattn vs eager baseline", res["environment"], res["rows"],
-                       ["model", "batch", "config", "prompt_tokens_to_lm", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms",
-                        "ttft_speedup", "ttft_flop_bound", "bound_fraction", "over_eager", "ttft_cpu_s",
-                        "bound_fraction_cpu", "over_eager_cpu", "decode_ms_per_step", "decode_tok_s", "decode_speedup",
-                        "decode_flop_bound", "peak_mb", "same_kept_as_eager"],
+                       VLM_COLUMNS,
                        extra, res["load_average_end"], smoke=args.smoke)
     print(txt)
     _write(args.out, "vlm", res, md, vlm.plot)

@@ -13,45 +13,60 @@ import os
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from pruneattn._progress import progress_bar
 
+# torch and numpy are imported where they are used, so that ``pruneattn demo --help`` answers at once.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
 LAYERS = (3, 6, 9)
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "pruneattn_demo" / "kept_patches.png"
+# Where the printed training command writes its checkpoint: beside the picture, never over the shipped model.
+TRAIN_OUT = DEFAULT_OUT.parent / "vit_fmnist_canvas56.pt"
+# Dropped patches: a colour no grey pixel of the image has, hatched, so that they cannot pass for the image.
+DROPPED_COLOR = (0.98, 0.55, 0.15)
+HATCH_COLOR = (0.55, 0.22, 0.0)
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
 def images_per_second(model, x: torch.Tensor, *, repeats: int = 5, min_seconds: float = 0.5) -> float:
     """Best-of-``repeats`` forward rate on batch ``x`` (after one warm-up), each repeat >= min_seconds."""
+    import torch
+
     device = x.device
-    model(x)
-    _sync(device)
     best = 0.0
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            model(x)
-            n += x.shape[0]
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if dt >= min_seconds:
-                break
-        best = max(best, n / dt)
+    with torch.no_grad():
+        model(x)
+        _sync(device)
+        for _ in range(repeats):
+            n, t0 = 0, time.perf_counter()
+            while True:
+                model(x)
+                n += x.shape[0]
+                _sync(device)
+                dt = time.perf_counter() - t0
+                if dt >= min_seconds:
+                    break
+            best = max(best, n / dt)
     return best
 
 
-@torch.no_grad()
 def predict(model, x: torch.Tensor, batch_size: int = 256, progress: bool = False, desc: str = "") -> torch.Tensor:
+    """Predicted classes of ``x``, in batches."""
+    import torch
+
     starts = progress_bar(range(0, len(x), batch_size), enabled=progress, desc=desc, leave=False, unit="batch")
-    return torch.cat([model(x[i : i + batch_size]).argmax(-1).cpu() for i in starts])
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch_size]).argmax(-1).cpu() for i in starts])
 
 
 def load_average() -> float | None:
@@ -77,6 +92,8 @@ def timing_note(rounds: int, load_start: float | None, load_end: float | None, c
 
 def kept_masks(model, x: torch.Tensor, grid: int) -> dict[int, np.ndarray]:
     """{block: (B, grid, grid) bool} of the patches that survive each pruning block, for images ``x``."""
+    import torch
+
     import pruneattn
 
     with torch.no_grad():
@@ -99,12 +116,30 @@ def panel_title(stat: str, block: int, n_kept: int, pred: int | None, label: int
     return f"{stat}: block {block}, {n_kept} kept\npredicts {CLASSES[pred]}: {verdict}"
 
 
+def panel_rgb(img: np.ndarray, keep_px: np.ndarray) -> np.ndarray:
+    """(H, W, 3) floats in [0, 1]: the grey image where ``keep_px`` is True, :data:`DROPPED_COLOR` elsewhere."""
+    import numpy as np
+
+    grey = np.repeat((img.astype(float) / 255.0)[..., None], 3, axis=-1)
+    return np.where(keep_px[..., None], grey, np.asarray(DROPPED_COLOR, dtype=float))
+
+
+def hatch_dropped(ax, kept: np.ndarray, patch: int) -> None:
+    """Hatch every dropped patch (False in the (grid, grid) ``kept``) of one panel."""
+    from matplotlib.patches import Rectangle
+
+    for r, c in zip(*(~kept).nonzero()):
+        ax.add_patch(Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False, hatch="////",
+                               edgecolor=HATCH_COLOR, linewidth=0))
+
+
 def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path: Path, keep: float) -> None:
     """Rows: images; columns: the input, then for each score the patches kept after blocks 3 / 6 / 9."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from pruneattn.fashion_mnist.datasets import CLASSES
 
@@ -119,12 +154,10 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
         for s, stat in enumerate(stats):
             for b, block in enumerate(blocks):
                 ax = axes[r, 1 + s * len(blocks) + b]
-                keep_px = np.kron(masks[stat][block][r], np.ones((patch, patch), dtype=bool))
-                shown = np.where(keep_px, img.astype(float), np.nan)
-                ax.imshow(np.zeros_like(img), cmap="Reds", vmin=0, vmax=4)  # dropped patches: pale background
-                ax.imshow(shown, cmap="gray", vmin=0, vmax=255)
-                g = keep_px.shape[0] // patch
-                for t in range(1, g):  # patch grid
+                kept = masks[stat][block][r]
+                ax.imshow(panel_rgb(img, np.kron(kept, np.ones((patch, patch), dtype=bool))))
+                hatch_dropped(ax, kept, patch)
+                for t in range(1, kept.shape[0]):  # patch grid
                     ax.axhline(t * patch - 0.5, color="w", lw=0.2, alpha=0.5)
                     ax.axvline(t * patch - 0.5, color="w", lw=0.2, alpha=0.5)
                 last = b == len(blocks) - 1
@@ -133,7 +166,7 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"Patches kept (image shown) vs dropped (pale) at keep rate {keep} per pruning block, "
+    fig.suptitle(f"Patches kept (image shown) vs dropped (hatched orange) at keep rate {keep} per pruning block, "
                  f"by attention diversity across heads\n(patch counts exclude the class token, which is always "
                  f"kept: tokens = patches + 1; the last column of each score gives the pruned model's prediction)",
                  fontsize=8)
@@ -143,21 +176,22 @@ def draw(images: np.ndarray, labels, preds: dict, masks: dict, patch: int, path:
     plt.close(fig)
 
 
-def training_command(meta: dict) -> str:
-    """The command that trained a checkpoint, as a user would run it now (module path of today, no log file)."""
-    words = str(meta.get("command", "?")).split()
-    words = ["pruneattn.fashion_mnist.train" if w == "pruneattn.train" else
-             w.replace("pruneattn/data/", "pruneattn/fashion_mnist/data/") for w in words]
-    out: list[str] = []
+def training_command(meta: dict, out: Path = TRAIN_OUT) -> str:
+    """The command that trained a checkpoint, as a user would run it now: today's module path, no log
+    file, and the checkpoint written to ``out`` (never over the shipped model, the training's default)."""
+    if "command" not in meta:
+        return "?"
+    words = ["pruneattn.fashion_mnist.train" if w == "pruneattn.train" else w for w in str(meta["command"]).split()]
+    kept: list[str] = []
     skip = False
     for w in words:
         if skip:
             skip = False
-        elif w == "--log":
+        elif w in ("--log", "--out"):
             skip = True
-        elif not w.startswith("--log="):
-            out.append(w)
-    return " ".join(out)
+        elif not w.startswith(("--log=", "--out=")):
+            kept.append(w)
+    return " ".join(kept + ["--out", str(out)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="pruneattn demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--weights", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--weights", default=None, help="checkpoint, e.g. one the training command writes (default: the shipped model)")
     p.add_argument("--keep", type=float, default=0.7, help="keep rate at each pruning block (0.7 is EViT's)")
     p.add_argument("--stats", default="var,mad", help="comma-separated scores to compare (var, mad, mean)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
@@ -179,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     args = p.parse_args(argv)
 
+    import numpy as np
+    import torch
+
     import pruneattn
     from pruneattn.fashion_mnist import datasets
     from pruneattn.fashion_mnist.train import TEST_SEED, load_model
@@ -191,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     backend = pruneattn.backend_for(device)
     print(f"pruneattn demo: ViT ({cfg['depth']} blocks, width {cfg['embed_dim']}, {cfg['num_heads']} heads, "
           f"patch {patch} on a {cfg['img_size']}x{cfg['img_size']} canvas: {grid * grid} patches), "
-          f"trained on Fashion-MNIST ({training_command(meta)}); device {device}, pruning backend {backend}"
+          f"trained on Fashion-MNIST; device {device}, pruning backend {backend}"
           + ("" if device.type == "cuda" else f", {torch.get_num_threads()} CPU threads"))
+    if args.weights is None:
+        print(f"to train one like it: {training_command(meta)}; then: pruneattn demo --weights {TRAIN_OUT}")
 
     sample_imgs, sample_labels = datasets.load_sample()
     sets = [("shipped sample", sample_imgs, sample_labels)]

@@ -34,7 +34,7 @@ SUPPORTED: tuple[Supported, ...] = (
                                        "(torch 2.11: 3.6.0, 2.12.1: 3.7.1, 2.14.1: 3.8.0, 2.15: 3.9.0)"),
     Supported("numpy", "1.26", "2.5.5", "Triton's CPU interpreter needs numpy < 2.4 with triton older than "
                                         "3.7.1 (refused at its first use, with the fix); GPU runs take any"),
-    Supported("transformers", "5.24", "5.24.0", "Hugging Face models (the `models` and `test` extras); 5.25 needs the `kernels` package 0.19, not yet on PyPI"),
+    Supported("transformers", "5.24", "5.25.0", "Hugging Face models (the `models` and `test` extras); 5.25 installs the `kernels` package 0.19 with it"),
     Supported("timm", "1.0.31", "1.0.31", "timm models (the `models` and `test` extras); 1.0.30 and older fail the RoPE ViT and EVA tests"),
 )
 

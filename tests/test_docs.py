@@ -15,7 +15,10 @@ MAX_README_LINES = 350
 # The README's sections, in order: a user guide, not a reference manual.
 README_SECTIONS = ["Install", "Quick start", "Examples", "API", "Supported models", "Performance", "Links"]
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-_PLANNING = re.compile(r"\bTODO\b|\bFIXME\b|\bplanned\b|\bpart \d|\bissue\s*#?\d|\bphase \d", re.I)
+# "planned" alone is a product word here (a processor plans a prompt's image tokens); plans of the project's are not.
+_PLANNING = re.compile(
+    r"\bTODO\b|\bFIXME\b|\bplanned (?:for|to)\b|\bnot yet\b|\bcoming soon\b|\bpart \d|\bissue\s*#?\d|\bphase \d", re.I
+)
 
 
 def read(path: Path) -> str:

@@ -15,7 +15,7 @@ Attention kernel of the Triton backend for ``query="cls"``, per shape:
   ``query="cls"`` only (SDPA exposes no per-row statistics through a stable API that the column
   pass could use).
 
-Until a GPU has measured both, the fused kernel is chosen everywhere. ``pruneattn bench --gpu`` times
+Until a GPU has measured both, the fused kernel is chosen everywhere. ``pruneattn bench --ops`` on a GPU times
 both per (device, dtype, H, d, N) and writes ``choices.json`` beside its results; point
 ``PRUNEATTN_CHOICES`` at that file (or call :func:`load_choices`) to use the measured choice, and
 ``PRUNEATTN_ATTENTION=fused|sdpa`` or :func:`use_attention_kernel` to pin one.
@@ -96,7 +96,7 @@ def choice_key(device_name: str, dtype: torch.dtype | str, H: int, d: int, N: in
 
 
 def load_choices(path: str | os.PathLike) -> int:
-    """Merge a ``choices.json`` written by ``pruneattn bench --gpu``; returns the number of entries."""
+    """Merge a ``choices.json`` written by ``pruneattn bench --ops`` on a GPU; returns the number of entries."""
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)["choices"]
     for e in entries:

@@ -217,3 +217,12 @@ def test_training_command_builds_the_asked_head_count(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         train_cli.main(["--heads", "5", "--out", str(tmp_path / "bad.pt")])
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_training_by_default_does_not_overwrite_the_shipped_model(capsys):
+    from pruneattn.fashion_mnist import train as train_cli
+
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "default: vit_fmnist.pt" in text and str(DEFAULT_WEIGHTS) not in text

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Version matrix: the whole test suite in a fresh virtual environment per row of the README's
-# supported-versions table. Run it before a release; commit what it writes.
+# Version matrix: the whole test suite in a fresh virtual environment per row of the
+# supported-versions table (docs/versions.md). Run it before a release; commit what it writes.
 #
 #   tools/matrix.sh [ROW...]      rows: oldest readme newest (default: all three)
 #
 #   oldest  the lowest versions setup.py allows, each one tested: torch 2.11 (triton 3.6), numpy,
 #           transformers, timm at their floors; then checks that Triton's CPU interpreter refuses
 #           numpy 2.4 with triton 3.6, naming the fix
-#   readme  the README's install command (torch 2.14.1, triton 3.8), the rest the newest
+#   readme  the pins of the README's install commands (torch 2.14.1, triton 3.8), the rest the newest
 #   newest  the newest releases (torch 2.15, triton 3.9) on the newest Python tested
 #
 # Writes benchmarks/results/matrix/<row>.json (versions, counts, wall time, failures) and

@@ -1,6 +1,7 @@
 """Train the small DeiT-style ViT on Fashion-MNIST (the model that ``pruneattn demo`` ships).
 
-    python -m pruneattn.fashion_mnist.train --epochs 3 --out pruneattn/fashion_mnist/data/vit_fmnist_canvas56.pt
+    python -m pruneattn.fashion_mnist.train --epochs 3 --out vit_fmnist.pt
+    pruneattn demo --weights vit_fmnist.pt
 
 The model is timm's ``VisionTransformer``: 12 blocks (so EViT's pruning blocks 3 / 6 / 9 exist), width
 128, 4 heads of 32, MLP ratio 2, a class token, patch 7 on the 56 x 56 canvas view (8 x 8 = 64 patches).
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=DEFAULT_CONFIG["num_heads"],
                    help="attention heads; must divide the width (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--out", default="vit_fmnist.pt",
+                   help="where to save the weights (default: %(default)s; the model the package ships stays as it is)")
     p.add_argument("--log", default="", help="also append progress lines to this file")
     args = p.parse_args(argv)
     if args.heads < 1 or args.embed_dim < 1 or args.embed_dim % args.heads:

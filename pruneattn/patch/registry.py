@@ -3,7 +3,7 @@
 Each :class:`Family` says which model classes it takes, where their blocks are, how many prefix tokens
 come before the patches, whether there is a class token and rotary embedding, how q / k / v are taken
 and where selection sits in each block class (:mod:`pruneattn.patch.blocks`). ``pruneattn.patch``, its
-error messages, the README's table of supported models (checked by a test) and the benchmarks' model
+error messages, the tables of supported models in docs/models.md (checked by a test) and the benchmarks' model
 table all read this list. The families are plain data (class names, attribute names), so the library
 of a model (timm, transformers) is imported only when a model of it is patched; the library's
 :class:`Adapter` turns an entry into blocks and forwards.
@@ -40,10 +40,10 @@ class HFAttention:
 class Family:
     """A model family pruneattn patches."""
 
-    label: str  # its name in the README's table
+    label: str  # its name in the tables of docs/models.md
     library: str  # top-level package of its classes
     models: tuple[str, ...]  # model classes it takes (their subclasses too)
-    covers: str  # for the README: variants and checkpoints
+    covers: str  # for docs/models.md: variants and checkpoints
     blocks: tuple[BlockShape, ...]  # its block classes and where selection sits in each
     layers: str  # attribute path from the encoder to its list of blocks
     encoder: tuple[str, ...] = ()  # Hugging Face: the vision encoder classes found inside those models
@@ -570,7 +570,7 @@ def _class_token(f: Family) -> tuple[str, str]:
 
 
 def readme_table() -> str:
-    """The README's table of supported model families (a test checks that the README holds it)."""
+    """The table of supported model families of docs/models.md (a test checks that the page holds it)."""
     rows = ["| family | model classes (and subclasses) | blocks | class token | `query` default | covers |",
             "|---|---|---|---|---|---|"]
     for f in FAMILIES:
@@ -582,7 +582,7 @@ def readme_table() -> str:
 
 
 def vision_language_table() -> str:
-    """The README's table of supported vision-language models (a test checks that the README holds it)."""
+    """The table of supported vision-language models of docs/models.md (a test checks that the page holds it)."""
     rows = ["| family | model classes (and subclasses) | vision towers | covers |", "|---|---|---|---|"]
     for f in VISION_LANGUAGE:
         models = ", ".join(f"`{m}`" for m in f.models)
@@ -592,7 +592,7 @@ def vision_language_table() -> str:
 
 
 def refused_table() -> str:
-    """The README's table of refused model classes and why (a test checks that the README holds it)."""
+    """The table of refused model classes and why of docs/models.md (a test checks that the page holds it)."""
     rows = ["| library | class (and subclasses) | why it is refused |", "|---|---|---|"]
     rows += [f"| {lib} | `{name}` | {why} |" for (lib, name), why in REFUSED.items()]
     return "\n".join(rows)

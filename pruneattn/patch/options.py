@@ -38,10 +38,8 @@ class Amount:
         return self.tokens is not None or self.keep_rate < 1
 
     def kept(self, units: int) -> int:
-        """Units kept of an image's ``units`` (``tokens``: at most that many)."""
-        if not self.selects:
-            return units
-        return kept_count(units, keep_rate=None if self.tokens is not None else self.keep_rate, k=self.tokens)
+        """Units kept of an image's ``units`` (``tokens``: at most that many; keep rate 1.0: all of them)."""
+        return kept_count(units, keep_rate=self.keep_rate if self.tokens is None else None, k=self.tokens)
 
 
 def is_int(value: object) -> bool:

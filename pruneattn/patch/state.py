@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from pruneattn.validate import kept_count
+
 ScoreHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -53,6 +55,11 @@ class BlockConfig:
     def selects(self) -> bool:
         """Whether the block runs selection (False: keep rate 1.0, every token passes through unchanged)."""
         return self.tokens is not None or self.keep_rate < 1
+
+    def kept(self, units: int) -> int:
+        """Units this block keeps of an image's ``units``: ``tokens`` (at most that many), else ceil(keep_rate
+        * units) (:func:`pruneattn.validate.kept_count`)."""
+        return kept_count(units, keep_rate=self.keep_rate if self.tokens is None else None, k=self.tokens)
 
 
 @dataclass(eq=False)

@@ -42,7 +42,6 @@ from pruneattn.patch.registry import Family, attribute, blocks_of
 from pruneattn.patch.positions import composed_kept
 from pruneattn.patch.state import PackedTokens, Plan, begin, current, end
 from pruneattn.patch.swap import Swapped, swap
-from pruneattn.validate import kept_of_rate
 
 
 def rebuilt_bounds(bounds: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -108,7 +107,7 @@ class PrunedWindowed(FollowsKeptUnits):
         for (a, b), score in zip(zip(bounds, bounds[1:]), scores):
             units = (b - a) // g
             if cfg.selects:
-                n = kept_of_rate(units, cfg.keep_rate) if cfg.tokens is None else min(cfg.tokens, units)
+                n = cfg.kept(units)
                 piece, idx = select_tokens(x[a:b].view(1, units, g * C), score, k=n, num_prefix=0)
                 pieces.append(piece.view(-1, C))
                 idx = idx[0]

@@ -8,7 +8,7 @@
     pruneattn bench --models             model-level suite (GPU: DeiT-T/S/B 224, ViT-B/16 384)
     pruneattn bench --vlm                LLaVA-1.5- and PaliGemma-224-shaped models: time to first token,
                                          decode, peak memory vs unpatched and an eager (VisionZip-style)
-                                         baseline, with FLOP-count bounds (long on a CPU: about 1.5 h)
+                                         baseline, with FLOP-count bounds (long on a CPU: about 50 min on 2 cores)
     pruneattn bench --vlm-qwen           a Qwen2.5-VL-shaped model (images of 448 x 448 and 672 x 448):
                                          the same metrics at 25% and 12.5% of the merged tokens, vs an
                                          eager last block (a CPU: about 30 min)

@@ -177,6 +177,7 @@ def test_logits_processors_and_allowed_tokens_see_the_callers_sequence():
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # generate's own note on its default
 def test_length_limits_count_the_callers_prompt(kind):
     model, processor, texts, pictures = case(kind)
     pruneattn.patch(model, keep_rate=0.3)

@@ -32,6 +32,7 @@ from pruneattn.patch.plan import plan_encoder
 from pruneattn.patch.registry import VisionLanguage
 from pruneattn.patch.swap import swap
 from pruneattn.patch.vlm.call import CallerView, arguments, prepare, remember
+from pruneattn.patch.vlm.connectors import CONNECTORS
 from pruneattn.patch.vlm.features import SplitsKeptUnits
 from pruneattn.patch.vlm.generation import PrunedGeneration
 from pruneattn.patch.vlm.scope import already_read, enter, leave
@@ -55,6 +56,21 @@ def _feature_blocks(feature_layer: object, depth: int) -> list[int]:
             )
         blocks.append(i - 1)
     return blocks
+
+
+def _pad_token_id(*configs: object) -> int:
+    """The first pad token id the configs set (the language model's first; id 0 counts), else 0."""
+    return next((int(p) for p in (getattr(c, "pad_token_id", None) for c in configs) if p is not None), 0)
+
+
+def _square(size: object) -> int:
+    """One side of a config's image or patch size (an int, or a square (height, width))."""
+    if isinstance(size, int):
+        return size
+    height, width = size
+    if height != width:
+        raise ValueError(f"pruneattn.patch: expected a square image and patch size in the vision config, got {size!r}")
+    return int(height)
 
 
 def _has_class(module: object, name: str) -> bool:
@@ -113,6 +129,15 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
     encoder = registry.describe(tower)
     config = base.config
     depth = len(encoder.blocks)
+    connector = None if entry.connector is None else CONNECTORS[entry.connector]
+    if connector is not None:  # its connector joins m x m windows: they are scored and kept whole
+        connector.check(config, depth)
+        encoder = replace(encoder, unit=connector.side(config) ** 2)
+        if options.mode == "fuse":
+            raise ValueError(
+                f"pruneattn.patch: mode='fuse' is not available for {type(model).__name__}: its connector joins whole "
+                "windows of patches, and a fused token is no window; use mode='drop'"
+            )
     feature_layer = None if entry.feature_layer is None else getattr(config, entry.feature_layer)
     strategy = None if entry.select_strategy is None else getattr(config, entry.select_strategy)
     if strategy not in (None, "default", "full"):
@@ -126,18 +151,20 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
             f"every pruning block must be at or before it; got layers {list(tower_plan.layers)}"
         )
     vc = config.vision_config
-    fixed = entry.grid is None
+    fixed = entry.grid is None and entry.sizes is None
+    patch_size = _square(vc.patch_size)
+    image_size = _square(vc.image_size) if fixed else None
     if fixed:
-        check_fits((vc.image_size // vc.patch_size) ** 2, tower_plan.amounts)
+        check_fits((image_size // patch_size) ** 2 // encoder.unit, tower_plan.amounts)
     text = config.get_text_config()
     plan = VisionLanguagePlan(
         entry=entry,
         tokens=ImageTokens(tower_plan.amounts, int(encoder.class_token) - int(strategy == "default"), tower_plan.fused),
         image_token_id=int(config.image_token_id),
-        pad_token_id=int(getattr(text, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0),
+        pad_token_id=_pad_token_id(text, config),
         unit=encoder.unit,
-        patch_size=int(vc.patch_size),
-        image_size=int(vc.image_size) if fixed else None,
+        patch_size=patch_size,
+        image_size=image_size,
         channels=int(getattr(vc, "num_channels", 3)),
         feature_layer=tuple(feature_layer) if isinstance(feature_layer, list) else feature_layer,
         select_strategy=strategy,
@@ -145,7 +172,9 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
     unpatch(model)
     tower_plan.apply()
     base._pruneattn_vlm = plan
-    if not fixed:
+    if connector is not None:
+        swap(base, connector.mixin)
+    elif not fixed:
         swap(base, SplitsKeptUnits)
     _hook(base)
     if model is not base:

@@ -15,7 +15,7 @@ import torch
 
 import pruneattn
 from model_reference import one_thread  # noqa: F401 (fixture)
-from unit_reference import patches_of, reference_features, reference_units, short_prompt
+from unit_reference import feature_block, patches_of, reference_features, reference_units, short_prompt
 from vlm_processors import case, inputs
 from vlm_unit_models import IMAGE_TOKEN, SIDE, UNIT_KINDS, tower_of
 
@@ -23,8 +23,10 @@ pytestmark = pytest.mark.usefixtures("cpu_backend")
 AMOUNTS = [{"tokens": 5}, {"keep_rate": 0.3}]
 
 
-def _patched(kind: str, amount: dict):
-    model, processor, texts, pictures = case(kind)
+def _patched(kind: str, amount: dict, model=None):
+    """The model of ``kind`` (or ``model``) patched with ``amount``, an unpatched copy, the processor's call."""
+    built, processor, texts, pictures = case(kind)
+    model = built if model is None else model
     call = inputs(processor, texts, pictures)
     ref = copy.deepcopy(model)
     pruneattn.patch(model, **amount)
@@ -40,20 +42,37 @@ def _reference(ref, kind: str, call: dict, amount: dict, **extra):
     return want, short, kept
 
 
-@pytest.mark.parametrize("amount", AMOUNTS, ids=["tokens5", "rate0.3"])
-@pytest.mark.parametrize("kind", UNIT_KINDS)
-def test_logits_and_kept_units_match_the_reference(kind, amount):
-    model, ref, call = _patched(kind, amount)
+def compare_with_reference(kind: str, amount: dict, model=None, tolerance: float = 1e-5) -> tuple:
+    """The patched model's logits (the processor's prompt) against the reference's at every real position;
+    returns the patched model and the reference's kept units."""
+    model, ref, call = _patched(kind, amount, model)
     with torch.no_grad():
         got = model(**call)
     want, short, kept = _reference(ref, kind, call, amount)
     assert got.logits.shape == want.logits.shape  # the prompt the processor would write for the kept count
     real = short["attention_mask"].bool()
-    torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-5, atol=1e-5)
-    block = tower_of(model).config.num_hidden_layers - 1
+    torch.testing.assert_close(got.logits[real], want.logits[real], rtol=tolerance, atol=tolerance)
+    return model, kept
+
+
+@pytest.mark.parametrize("amount", AMOUNTS, ids=["tokens5", "rate0.3"])
+@pytest.mark.parametrize("kind", UNIT_KINDS)
+def test_logits_and_kept_units_match_the_reference(kind, amount):
+    model, kept = compare_with_reference(kind, amount)
+    block = feature_block(model)
     expect = [patches_of(k, grid, SIDE[kind]) for k, grid in kept]
     expect = torch.nn.utils.rnn.pad_sequence(expect, batch_first=True, padding_value=-1)
     assert torch.equal(pruneattn.kept_indices(model)[block], expect)
+
+
+def test_internvl_reads_an_earlier_feature_layer():
+    """vision_feature_layer=-2: pruning in block depth - 2, whose output the connector reads (the last block
+    runs on the kept tokens)."""
+    import vlm_unit_models
+
+    model = vlm_unit_models.internvl(vision_feature_layer=-2)
+    model, kept = compare_with_reference("internvl", {"tokens": 6}, model)
+    assert list(pruneattn.kept_indices(model)) == [1]
 
 
 @pytest.mark.parametrize("kind", UNIT_KINDS)
@@ -66,7 +85,7 @@ def test_keeping_every_unit_equals_the_unpatched_model(kind):
     greedy = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     with torch.no_grad():
         want, want_new = ref(**call).logits, ref.generate(**call, **greedy)
-    units = 16 if kind != "mistral3" else 16  # the largest image (tile) has 16 units
+    units = 16  # every tile (image) of these prompts has at most 16 units
     for amount in ({"keep_rate": 1.0}, {"tokens": units}):
         pruneattn.patch(model, **amount)
         with torch.no_grad():

@@ -7,8 +7,8 @@ Gemma 3, Mistral 3, SmolVLM, Idefics3), written from the spec and the UNPATCHED 
   over the query rows) summed over each unit's m x m window of the raster grid, the population variance
   over heads of those sums, and the k best (ties to the lower unit), in raster order.
 - What the language model reads: the unpatched model's own ``get_image_features`` on all units, the rows
-  of the kept units (the feature block is the tower's last block, where everything after the attention is
-  per token, and every connector here joins each window on its own).
+  of the kept units (the connector reads the feature block's output, where everything after the attention
+  is per token, and every connector here joins each window on its own).
 - The prompt: the caller's prompt walked here, each tile's run of placeholders cut to its kept count
   (Mistral 3: the image's tokens laid out again as its processor lays out that many: rows of the image's
   width, ``[IMG_BREAK]`` between them, ``[IMG_END]`` last), padded on the left as the processors pad.
@@ -95,9 +95,15 @@ def patches_of(units: torch.Tensor, grid: tuple[int, int], m: int) -> torch.Tens
     return ((row[:, None] * m + dy.flatten()) * w + col[:, None] * m + dx.flatten()).flatten().sort().values
 
 
+def feature_block(model) -> int:
+    """The tower block whose output the connector reads (InternVL: ``vision_feature_layer``; else the last)."""
+    depth = tower_of(model).config.num_hidden_layers
+    return getattr(model.config, "vision_feature_layer", -1) % (depth + 1) - 1
+
+
 def reference_units(model, kind: str, call: dict, amount: dict) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-    """Each tower image's kept units and its patch grid (the feature block is the tower's last)."""
-    block = tower_of(model).config.num_hidden_layers - 1
+    """Each tower image's kept units and its patch grid, chosen in the feature block."""
+    block = feature_block(model)
     m, prefix = SIDE[kind], int(kind == "internvl")
     out = []
     with torch.no_grad():

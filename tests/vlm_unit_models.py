@@ -51,10 +51,11 @@ def _sharpen(model: torch.nn.Module, factor: float = 4.0) -> torch.nn.Module:
     return model.eval()
 
 
-def internvl(seed: int = 0, **kw) -> torch.nn.Module:
+def internvl(seed: int = 0, width: int = 32, **kw) -> torch.nn.Module:
+    """``width``: of the tower (4 heads; 64 gives head dim 16, the smallest the Triton kernels take)."""
     torch.manual_seed(seed)
-    vision = InternVLVisionConfig(**_TOWER, image_size=[32, 32], patch_size=[PATCH, PATCH], use_qk_norm=True,
-                                  layer_scale_init_value=1.0)
+    vision = InternVLVisionConfig(**{**_TOWER, "hidden_size": width}, image_size=[32, 32], patch_size=[PATCH, PATCH],
+                                  use_qk_norm=True, layer_scale_init_value=1.0)
     cfg = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_TEXT), image_token_id=80,
                          downsample_ratio=0.5, **kw)
     return _sharpen(InternVLForConditionalGeneration(cfg))

@@ -1,10 +1,11 @@
 """Vision-language models: prune the image tokens their language model reads.
 
-Pruning sits in the vision tower's *feature layer*, the block whose output the model reads (LLaVA:
-``hidden_states[vision_feature_layer]``; PaliGemma, Qwen2-VL, Qwen2.5-VL: the last block): after that
-block's attention the tower keeps k units per image (patches, or merged 2 x 2 units), scored by
-pruneattn's fused attention, in raster order. The tower is patched as any encoder of its family; nothing
-runs eager attention.
+Pruning sits in the vision tower's *feature layer*, the block whose output the model reads (LLaVA,
+InternVL: ``hidden_states[vision_feature_layer]``; PaliGemma, Qwen2-VL, Qwen2.5-VL, Gemma 3, Mistral 3,
+Idefics3 / SmolVLM: the last block): after that block's attention the tower keeps k units per image or
+tile (patches, or the windows of patches that the model's connector joins into one token: Qwen's 2 x 2
+merged units, :mod:`pruneattn.patch.units` for the others), scored by pruneattn's fused attention, in
+raster order. The tower is patched as any encoder of its family; nothing runs eager attention.
 
 Every family goes one path:
 
@@ -16,7 +17,9 @@ Every family goes one path:
   it is (M-RoPE models get their kept tokens' original ids), a full prompt is shortened, any other
   count is refused as the unpatched model refuses it;
 - :mod:`~pruneattn.patch.vlm.generation`: ``generate`` reads its call once and keeps everything that
-  reads the sequence in the caller's terms.
+  reads the sequence in the caller's terms;
+- :mod:`~pruneattn.patch.vlm.connectors`: the models whose connector joins windows of patches get their
+  kept units in the order that connector reads them.
 """
 from __future__ import annotations
 

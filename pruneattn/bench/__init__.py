@@ -14,7 +14,7 @@
                                          eager last block (a CPU: about 30 min)
     pruneattn bench --vlm-internvl       an InternVL3-1B-shaped model (one image of two 448 px tiles,
                                          batch 1 and 4): the same metrics at 25% and 12.5% of each
-                                         tile's units (a CPU: about 45 min)
+                                         tile's units (a CPU: about 25 min)
     pruneattn bench                      everything that fits the machine: --ops --models on a GPU,
                                          --cpu-ops --cpu-models on a CPU
 

@@ -388,8 +388,8 @@ class VisionLanguage:
     placeholder: str = "image_token"  # the processor's attribute (path) holding the placeholder the model reads
 
 
-_TILES = ("each tile (and the thumbnail) keeps k of its units; the tokens around its placeholders are the "
-          "processor's; images only, no videos")
+_TILES = ("each tile (the thumbnail or whole-image view too) keeps k of its units; the tags around its "
+          "placeholders are the processor's; images only, no videos")
 VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
     VisionLanguage(
         "Hugging Face LLaVA", "transformers", ("LlavaForConditionalGeneration", "LlavaModel"), "LlavaModel",

@@ -250,3 +250,30 @@ def test_qwen_suite_plumbing(tmp_path):
             assert rows[b, c]["same_kept_as_eager"] is True
             assert rows[b, c]["ttft_flop_bound"] > 1.0 and rows[b, c]["ttft_ms"] > 0
     assert res["smoke"] is True and "Qwen2.5-VL" in (tmp_path / "vlm_qwen.md").read_text()
+
+
+def test_internvl_suite_plumbing(tmp_path):
+    """``pruneattn bench --vlm-internvl --smoke``: every configuration has a row; pruneattn and the eager
+    last block keep the same units; each tile's image tokens follow the rate; the FLOP bound counts them."""
+    import json
+
+    from pruneattn.bench import main
+    from pruneattn.bench import vlm_internvl as I
+
+    assert main(["--vlm-internvl", "--smoke", "--no-progress", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "vlm_internvl.json").read_text())
+    rows = {(r["batch"], r["config"]): r for r in res["rows"]}
+    configs = ["unpatched", "pruneattn 0.25", "pruneattn 0.125", "eager last block 0.25", "eager last block 0.125"]
+    assert sorted(rows) == sorted((1, c) for c in configs)
+    assert [rows[1, c]["image_tokens_to_lm"] for c in configs] == [512, 128, 64, 128, 64]  # two tiles of 256
+    assert rows[1, "unpatched"]["ttft_flop_bound"] == 1.0
+    for c in configs[1:]:
+        assert rows[1, c]["same_kept_as_eager"] is True and rows[1, c]["ttft_flop_bound"] > 1.0
+    assert res["smoke"] is True and "InternVL3-1B" in (tmp_path / "vlm_internvl.md").read_text()
+    # the tower's count by hand: 2 tiles, width 64, MLP 128, 2 blocks of 1025 tokens, the last block's MLP on
+    # the class token and 64 kept units of 4 patches; patch embedding 1024 x 588 x 64; projector 256 -> 64 -> 64
+    model = I.build(2, 2, smoke=True)
+    n, C, M, k = 1025, 64, 128, 64
+    blocks = 2 * (2 * n * 4 * C * C + 4 * n * n * C) + 2 * 2 * C * M * (n + 1 + 4 * k)
+    tower = 2 * (2 * 1024 * 588 * C + blocks + k * 2 * (4 * C * C + C * C))
+    assert I.tower_flops(model.config.vision_config, C, 2, k) == tower

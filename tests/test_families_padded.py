@@ -255,19 +255,6 @@ def test_tower_without_mask_prunes_every_image_alike(cpu_backend):
     assert (pruneattn.kept_indices(model)[1] >= 0).all()
 
 
-def test_idefics3_model_is_refused():
-    from transformers import Idefics3Config, Idefics3Model
-
-    cfg = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=4, image_size=16),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=64),
-    )
-    with pytest.raises(TypeError, match="Idefics3Model: its connector merges patches by pixel shuffle"):
-        pruneattn.patch(Idefics3Model(cfg))
-
-
 # ----------------------------------------------------------------------------- Pixtral (images packed in one sequence)
 
 

@@ -26,7 +26,9 @@ from vlm_processors import KINDS, case, image_token, images, inputs, llava_proce
 pytestmark = pytest.mark.usefixtures("cpu_backend")
 
 AMOUNT = {"llava": {"tokens": 5}, "paligemma": {"tokens": 4, "mode": "fuse"}, "qwen2.5-vl": {"keep_rate": 0.4},
-          "qwen2-vl": {"tokens": 3}}
+          "qwen2-vl": {"tokens": 3}, "internvl": {"tokens": 5}, "gemma3": {"keep_rate": 0.4},
+          "mistral3": {"keep_rate": 0.5}, "smolvlm": {"tokens": 3}, "idefics3": {"keep_rate": 0.3}}
+UNITS = {"internvl": 4, "gemma3": 16, "mistral3": 4, "smolvlm": 4, "idefics3": 4}  # patches per language-model token
 GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 
@@ -56,9 +58,22 @@ def runs(ids: torch.Tensor, token: int) -> list[int]:
     return out
 
 
-def kept_per_image(model) -> list[int]:
+def kept_per_image(model, kind: str) -> list[int]:
+    """Language-model tokens each image (tile) keeps, from ``kept_indices`` (patches)."""
     kept = pruneattn.kept_indices(model)
-    return (next(reversed(kept.values())) >= 0).sum(1).tolist()
+    return [n // UNITS.get(kind, 1) for n in (next(reversed(kept.values())) >= 0).sum(1).tolist()]
+
+
+def runs_of_tiles(kind: str, counts: list[int], full: dict) -> list[int]:
+    """The runs of placeholders the processor writes for these kept counts per tile: InternVL writes one run
+    for all tiles of an image (``full``: its unpatched runs, tiles of 16)."""
+    if kind != "internvl":
+        return counts
+    out, t = [], 0
+    for n in runs(full["input_ids"], image_token(kind)):
+        out.append(sum(counts[t : t + n // 16]))
+        t += n // 16
+    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -74,7 +89,10 @@ def test_planned_prompt_gives_what_the_full_prompt_gives(kind):
         got = model(**planned)
     # The processor wrote, per image, the tokens the model kept (the fused token counts on PaliGemma).
     fused = int(AMOUNT[kind].get("mode") == "fuse")
-    assert runs(planned["input_ids"], image_token(kind)) == [k + fused for k in kept_per_image(model)]
+    kept = runs_of_tiles(kind, [k + fused for k in kept_per_image(model, kind)], full)
+    assert sum(runs(planned["input_ids"], image_token(kind))) == sum(kept)
+    if kind != "mistral3":  # Mistral 3 writes rows (tests/test_vlm_units.py)
+        assert runs(planned["input_ids"], image_token(kind)) == kept
     assert got.logits.shape == want.shape  # the shortened prompt is the planned prompt, padded alike
     real = planned["attention_mask"].bool()
     torch.testing.assert_close(got.logits[real], want[real], rtol=1e-6, atol=1e-6)
@@ -140,10 +158,12 @@ def _continued(model, first: dict, turn: list[int]) -> tuple:
         "input_ids": torch.cat([seq, torch.tensor([turn] * seq.shape[0])], dim=1),
         "attention_mask": torch.cat([first["attention_mask"], torch.ones(seq.shape[0], added, dtype=torch.long)], dim=1),
     }
-    for name, after in (("mm_token_type_ids", 0), ("token_type_ids", 1)):
+    # PaliGemma's token types mark the suffix (1), Gemma 3's the image tokens
+    after = {"token_type_ids": int(type(model).__name__.startswith("PaliGemma")), "mm_token_type_ids": 0}
+    for name, value in after.items():
         if name in first:
-            conversation[name] = torch.cat([first[name], torch.full((seq.shape[0], added), after)], dim=1)
-    images = {k: v for k, v in first.items() if k in ("pixel_values", "image_grid_thw")}
+            conversation[name] = torch.cat([first[name], torch.full((seq.shape[0], added), value)], dim=1)
+    images = {k: v for k, v in first.items() if k in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")}
     kw = dict(GREEDY, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         return model.generate(**conversation, cache=out.cache, **kw), model.generate(**conversation, **images, **kw)

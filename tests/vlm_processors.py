@@ -8,21 +8,31 @@ import numpy as np
 
 SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|image_pad|>": 90, "<|vision_start|>": 91, "<|vision_end|>": 92,
            "<|video_pad|>": 93, "<image>": 99}
+# The image tokens of InternVL, Gemma 3, Mistral 3 and Idefics3 / SmolVLM (ids 72 .. 89): added tokens, special
+# only where a processor reads them by name (so that LLaVA's decoded text keeps them as any word).
+ADDED = {"<IMG_CONTEXT>": 80, "<img>": 81, "</img>": 82, "<start_of_image>": 83, "<end_of_image>": 84,
+         "<image_soft_token>": 85, "[IMG]": 86, "[IMG_BREAK]": 87, "[IMG_END]": 88, "<fake_token_around_image>": 89,
+         "<global-img>": 79, "<end_of_utterance>": 72, "<video>": 74, "<row_1_col_1>": 75, "<row_1_col_2>": 76,
+         "<row_2_col_1>": 77, "<row_2_col_2>": 78}
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def tokenizer():
+def tokenizer(**named: str):
+    """The test tokenizer; ``named``: tokens a processor reads as named attributes (``boi_token="<start_of_image>"``
+    gives ``tokenizer.boi_token`` and ``tokenizer.boi_token_id``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = dict(SPECIAL)
-    vocab.update({f"w{i}": i for i in range(3, 99) if i not in SPECIAL.values()})
+    vocab = {**SPECIAL, **ADDED}
+    vocab.update({f"w{i}": i for i in range(3, 99) if i not in vocab.values()})
     words = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=words, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="w3",
-        additional_special_tokens=[t for t in SPECIAL if t not in ("<pad>", "<s>", "</s>")],
+        extra_special_tokens=named,
     )
+    tok.add_tokens([t for t in SPECIAL if t not in ("<pad>", "<s>", "</s>")], special_tokens=True)
+    tok.add_tokens([t for t in ADDED if t not in named.values()])
     tok.padding_side = "left"
     return tok
 
@@ -56,21 +66,80 @@ def qwen_processor(kind: str = "qwen2.5-vl"):
     return cls(image_processor=images, tokenizer=tokenizer(), video_processor=videos)
 
 
+def internvl_processor():
+    """For the test InternVL: 32 x 32 px tiles (up to 4, and a thumbnail), 4 px patches, 16 tokens per tile."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    images = GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                   max_patches=4)
+    words = tokenizer(context_image_token="<IMG_CONTEXT>", start_image_token="<img>", end_image_token="</img>",
+                      video_token="<video>")
+    return InternVLProcessor(image_processor=images, tokenizer=words, video_processor=InternVLVideoProcessor(),
+                             image_seq_length=16)
+
+
+def gemma3_processor():
+    """For the test Gemma 3: 64 x 64 px images, 4 px patches, 16 tokens of 4 x 4 patches per image."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    images = Gemma3ImageProcessor(size={"height": 64, "width": 64})
+    words = tokenizer(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    return Gemma3Processor(image_processor=images, tokenizer=words, image_seq_length=16)
+
+
+def mistral3_processor():
+    """For the test Mistral 3: images of any size up to 32 px, 4 px patches, 2 x 2 merged units."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    images = PixtralImageProcessor(size={"longest_edge": 32}, patch_size=4)
+    return PixtralProcessor(image_processor=images, tokenizer=tokenizer(), patch_size=4, spatial_merge_size=2)
+
+
+def tiles_processor(kind: str):
+    """For the test SmolVLM / Idefics3: 32 x 32 px tiles of images up to 64 px (and the whole image), 4 px
+    patches, 16 tokens per tile (2 x 2 pixel shuffle)."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm import processing_smolvlm
+
+    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    if kind == "idefics3":
+        return Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes), tokenizer=tokenizer(), image_seq_len=16)
+    from transformers import SmolVLMVideoProcessor
+
+    if processing_smolvlm.num2words is None:  # only its video prompts spell numbers out; none here
+        processing_smolvlm.num2words = str
+    return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes), tokenizer=tokenizer(),
+                            video_processor=SmolVLMVideoProcessor(), image_seq_len=16)
+
+
 def images(*sizes: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
     """RGB images (height, width, 3) uint8 of these sizes."""
     g = np.random.default_rng(seed)
     return [g.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
-KINDS = ("llava", "paligemma", "qwen2.5-vl", "qwen2-vl")
+KINDS = ("llava", "paligemma", "qwen2.5-vl", "qwen2-vl", "internvl", "gemma3", "mistral3", "smolvlm", "idefics3")
+_UNIT_TEXTS = {"internvl": "<IMG_CONTEXT>", "gemma3": "<start_of_image>", "mistral3": "[IMG]", "smolvlm": "<image>",
+               "idefics3": "<image>"}
 
 
 def case(kind: str, seed: int = 0):
     """(model, processor, texts, images) of one tiny family: two prompts of different lengths holding one
-    and two images (LLaVA, Qwen) or one each (PaliGemma), images of different sizes."""
+    and two images (LLaVA, Qwen, and the families whose connector joins windows) or one each (PaliGemma),
+    images of different sizes (InternVL: 3, 1 and 3 tiles; SmolVLM / Idefics3: 5, 1 and 3)."""
     import test_vlm
     import test_vlm_qwen
+    import vlm_unit_models
 
+    if kind in _UNIT_TEXTS:
+        image = _UNIT_TEXTS[kind]
+        processor = {"internvl": internvl_processor, "gemma3": gemma3_processor, "mistral3": mistral3_processor}.get(
+            kind, lambda: tiles_processor(kind))()
+        pictures = images((40, 64), (32, 32), (20, 30))
+        if kind in ("gemma3", "smolvlm", "idefics3"):  # their processors take each prompt's images as a list
+            pictures = [pictures[:1], pictures[1:]]
+        return (vlm_unit_models.build(kind, seed), processor, [f"w5 {image} w6", f"w7 w8 {image} w9 {image} w10"],
+                pictures)
     if kind == "llava":
         return (test_vlm.llava(seed=seed), llava_processor(), ["w5 <image> w6", "w7 w8 <image> w9 <image> w10"],
                 images((40, 48), (32, 32), (50, 30)))
@@ -90,4 +159,6 @@ def inputs(processor, texts, pictures) -> dict:
 
 
 def image_token(kind: str) -> int:
-    return 99 if kind in ("llava", "paligemma") else 90
+    import vlm_unit_models
+
+    return vlm_unit_models.IMAGE_TOKEN.get(kind, 99 if kind in ("llava", "paligemma") else 90)

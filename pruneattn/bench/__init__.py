@@ -12,6 +12,9 @@
     pruneattn bench --vlm-qwen           a Qwen2.5-VL-shaped model (images of 448 x 448 and 672 x 448):
                                          the same metrics at 25% and 12.5% of the merged tokens, vs an
                                          eager last block (a CPU: about 30 min)
+    pruneattn bench --vlm-internvl       an InternVL3-1B-shaped model (one image of two 448 px tiles,
+                                         batch 1 and 4): the same metrics at 25% and 12.5% of each
+                                         tile's units (a CPU: about 25 min)
     pruneattn bench                      everything that fits the machine: --ops --models on a GPU,
                                          --cpu-ops --cpu-models on a CPU
 
@@ -31,7 +34,7 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm", "vlm-qwen")
+_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm", "vlm-qwen", "vlm-internvl")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
@@ -218,36 +221,51 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, "models", res, md, models_gpu.plot)
     if "vlm" in chosen:
         _run_vlm(args, device, progress)
-    if "vlm-qwen" in chosen:
-        _run_vlm_qwen(args, progress)
+    for suite in _RATE_SUITES:
+        if suite in chosen:
+            _run_rates(suite, args, progress)
     return 0
 
 
-def _run_vlm_qwen(args: argparse.Namespace, progress: bool) -> None:
-    from pruneattn.bench import vlm_qwen
+_RATE_SUITES = {
+    "vlm-qwen": ("vlm_qwen", "run_vlm_qwen", "Qwen2.5-VL-shaped model: unpatched vs pruneattn vs an eager last block",
+                 "Qwen2.5-VL's tower block shape (width 1280, 16 heads of 80, 112 px windows) with {tower_blocks} "
+                 "blocks instead of 32 (full attention in {tower_full_attention}), a {language_model_layers}-layer "
+                 "Qwen2.5-0.5B-shaped language model"),
+    "vlm-internvl": ("vlm_internvl", "run_vlm_internvl",
+                     "InternVL3-1B-shaped model: unpatched vs pruneattn vs an eager last block",
+                     "InternVL3-1B's tower block shape (InternViT-300M: width 1024, 16 heads of 64, 448 px tiles) "
+                     "with {tower_blocks} blocks instead of 24, {tiles_per_image} tiles per image (a crop and the "
+                     "thumbnail), its 2 x 2 pixel shuffle and projector, a {language_model_layers}-layer "
+                     "Qwen2.5-0.5B-shaped language model"),
+}
 
+
+def _run_rates(suite: str, args: argparse.Namespace, progress: bool) -> None:
+    """One of the keep-rate suites (``--vlm-qwen``, ``--vlm-internvl``)."""
+    import importlib
+
+    stem, runner, title, model_text = _RATE_SUITES[suite]
+    module = importlib.import_module(f"pruneattn.bench.{stem}")
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
         print("note: OMP_WAIT_POLICY is not PASSIVE; on a shared CPU set it before starting (see benchmarks/NOTES.md)")
-    res = vlm_qwen.run_vlm_qwen(reps=args.reps or 3, threads=args.threads, memory=not args.no_memory,
-                                progress=progress, smoke=args.smoke)
+    res = getattr(module, runner)(reps=args.reps or 3, threads=args.threads, memory=not args.no_memory,
+                                  progress=progress, smoke=args.smoke)
     if args.smoke:
         _mark_smoke(res)
     st = res["settings"]
-    extra = (f"\nModel: Qwen2.5-VL's tower block shape (width 1280, 16 heads of 80, 112 px windows) with "
-             f"{st['tower_blocks']} blocks instead of 32 (full attention in {st['tower_full_attention']}), a "
-             f"{st['language_model_layers']}-layer Qwen2.5-0.5B-shaped language model; {st['dtype']}, "
+    extra = (f"\nModel: {model_text.format(**st)}; {st['dtype']}, "
              f"{st['threads']} threads. TTFT: median (q1, q3) of {st['ttft_reps']} interleaved `generate` calls, "
              "the tower included. Decode: the steps of one call that generates "
              f"{st['new_tokens']} tokens. Peak memory (`peak_mb`): peak bytes held by torch's CPU allocator above "
              f"the weights, during a {st['memory_run']}. Bounds: matmul FLOPs of the prefill (tower + language "
-             "model) and of a decode step, unpatched over the configuration (`pruneattn/bench/vlm_qwen.py`). "
+             f"model) and of a decode step, unpatched over the configuration (`pruneattn/bench/{stem}.py`). "
              "`eager last block`: the same pruning with the scoring attention built from the N x N weights; "
              "`same_kept_as_eager`: both keep the same units.\n")
-    md, txt = _section("Qwen2.5-VL-shaped model: unpatched vs pruneattn vs an eager last block", res["environment"],
-                       res["rows"], VLM_QWEN_COLUMNS,
+    md, txt = _section(title, res["environment"], res["rows"], VLM_QWEN_COLUMNS,
                        extra, res["load_average_end"], smoke=args.smoke)
     print(txt)
-    _write(args.out, "vlm_qwen", res, md, None)
+    _write(args.out, stem, res, md, None)
 
 
 def _run_vlm(args: argparse.Namespace, device, progress: bool) -> None:

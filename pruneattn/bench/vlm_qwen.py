@@ -21,6 +21,7 @@ bound of the prefill (tower + language model) and of a decode step, unpatched ov
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,7 @@ def _tower_flops(cfg, grids: list[tuple[int, int, int]], kept_units: list[int]) 
     return total
 
 
-def _lm_flops(cfg, tokens: int, context: int, new: int) -> float:
+def lm_flops(cfg, tokens: int, context: int, new: int) -> float:
     """Matmul FLOPs of ``new`` tokens of the language model after ``context`` cached ones (``tokens``:
     how many rows; logits for the last one only, as ``generate`` asks)."""
     H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
@@ -130,8 +131,8 @@ def flop_bounds(model, inputs: dict, rate: float | None) -> tuple[float, float]:
     real = inputs["attention_mask"].sum(1).tolist()
     rows = [r - (u - k) for r, u, k in zip(real, units, kept)]
     text = model.config.text_config
-    prefill = _tower_flops(model.config.vision_config, grids, kept) + sum(_lm_flops(text, r, 0, r) for r in rows)
-    decode = sum(_lm_flops(text, 1, r, 1) for r in rows)
+    prefill = _tower_flops(model.config.vision_config, grids, kept) + sum(lm_flops(text, r, 0, r) for r in rows)
+    decode = sum(lm_flops(text, 1, r, 1) for r in rows)
     return prefill, decode
 
 
@@ -181,48 +182,43 @@ def candidates(model, inputs: dict, rates=RATES) -> list[Candidate]:
     return out
 
 
-def run_vlm_qwen(*, reps: int = 3, new_tokens: int = 16, threads: int = 2, depth: int = TOWER_DEPTH,
-                 text_layers: int | None = None, batches=(1, 2), memory: bool = True, progress: bool = True,
-                 smoke: bool = False) -> dict:
-    """The suite; returns ``{"environment", "settings", "rows", "load_average_end"}`` (``smoke``: widths of
-    64, one repeat, 2 new tokens)."""
-    if smoke:
-        reps, new_tokens, depth, text_layers, memory = 1, 2, 4, 2, False
-    import sys
+@dataclass(frozen=True)
+class RateSuite:
+    """What the keep-rate suites need from one model family (``--vlm-qwen``, ``--vlm-internvl``)."""
 
+    images: dict[int, list[tuple[int, int]]]  # per batch size: each prompt's image, (height, width) in pixels
+    prompt: Callable[[list[tuple[int, int]]], dict]  # the processor-style inputs of those images
+    flop_bounds: Callable[[torch.nn.Module, dict, float | None], tuple[float, float]]  # (prefill, decode step)
+    image_tokens: Callable[[dict, float | None], int]  # image tokens the language model reads, all prompts
+
+
+def run_rates(suite: RateSuite, model: torch.nn.Module, *, reps: int, new_tokens: int, batches, memory: bool,
+              log: Callable[[str], None]) -> list[dict]:
+    """Unpatched, pruneattn and the eager last block at each rate, on each batch: one row per configuration
+    (memory runs first, then interleaved timed repeats)."""
     from pruneattn.bench.models_cpu import allocator_peak_of
 
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        if progress:
-            print(f"[vlm-qwen {time.perf_counter() - t0:7.0f} s, load {load_average()}] {msg}", file=sys.stderr,
-                  flush=True)
-
-    torch.set_num_threads(threads)
-    env = environment("cpu")
-    model = build(depth, text_layers, smoke=smoke)
     rows = []
     for batch in batches:
-        inputs = prompt(IMAGES[batch])
+        inputs = suite.prompt(suite.images[batch])
         cands = candidates(model, inputs)
         log(f"batch {batch}: memory runs")
         peaks = {c.name: allocator_peak_of(lambda c=c: c.generate(2)) for c in cands} if memory else {}
         samples = time_candidates({c.name: c for c in cands}, WallClock, reps=reps, decode_reps=1,
                                   new_tokens=new_tokens, log=lambda m: log(f"batch {batch}: {m}"))
-        base_prefill, base_decode = flop_bounds(model, inputs, None)
+        base_prefill, base_decode = suite.flop_bounds(model, inputs, None)
         eager_kept = {c.rate: c.kept_units() for c in cands if c.eager}
         base_ttft = _stats(samples["unpatched"]["ttft"])["median_s"]
         base_step = _stats(samples["unpatched"]["steps"])["median_s"]
         for c in cands:
             s = samples[c.name]
             ttft, step = _stats(s["ttft"]), _stats(s["steps"])
-            prefill, decode = flop_bounds(model, inputs, c.rate)
+            prefill, decode = suite.flop_bounds(model, inputs, c.rate)
             bound = base_prefill / prefill
             speedup = base_ttft / ttft["median_s"]
             rows.append({
-                "batch": batch, "images": " + ".join(f"{h}x{w}" for h, w in IMAGES[batch]), "config": c.name,
-                "image_tokens_to_lm": sum(kept_units(inputs, c.rate)[1]),
+                "batch": batch, "images": " + ".join(f"{h}x{w}" for h, w in suite.images[batch]), "config": c.name,
+                "image_tokens_to_lm": suite.image_tokens(inputs, c.rate),
                 "ttft_ms": 1e3 * ttft["median_s"], "ttft_q1_ms": 1e3 * ttft["q1_s"], "ttft_q3_ms": 1e3 * ttft["q3_s"],
                 "ttft_speedup": speedup, "ttft_flop_bound": bound, "bound_fraction": speedup / bound,
                 "ttft_cpu_s": _stats(s["ttft_cpu"])["median_s"],
@@ -233,8 +229,47 @@ def run_vlm_qwen(*, reps: int = 3, new_tokens: int = 16, threads: int = 2, depth
                 "same_kept_as_eager": None if c.rate is None else bool(torch.equal(c.kept_units(), eager_kept[c.rate])),
             })
         log(f"batch {batch}: done")
+    return rows
+
+
+def progress_log(name: str, progress: bool) -> Callable[[str], None]:
+    """A logger of timestamped progress lines on stderr (silent without ``progress``)."""
+    import sys
+
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[{name} {time.perf_counter() - t0:7.0f} s, load {load_average()}] {msg}", file=sys.stderr,
+                  flush=True)
+
+    return log
+
+
+def run_suite(name: str, suite: RateSuite, model: torch.nn.Module, about: dict, *, reps: int, new_tokens: int,
+              threads: int, batches, memory: bool, progress: bool, smoke: bool) -> dict:
+    """:func:`run_rates` on ``threads`` threads; returns ``{"environment", "settings", "rows",
+    "load_average_end"}``, the settings with ``about`` (what the model is) added."""
+    torch.set_num_threads(threads)
+    env = environment("cpu")
+    rows = run_rates(suite, model, reps=reps, new_tokens=new_tokens, batches=batches, memory=memory,
+                     log=progress_log(name, progress))
     settings = {"dtype": "float32", "ttft_reps": reps, "decode_reps": 1, "new_tokens": 1 + new_tokens,
-                "smoke": smoke, "tower_blocks": depth, "tower_full_attention": list(range(3, depth, 4)),
-                "language_model_layers": text_layers or TEXT["num_hidden_layers"], "threads": threads,
+                "smoke": smoke, **about, "threads": threads,
                 "memory_run": "generate of 2 new tokens (prefill + one decode step)"}
     return {"environment": env, "settings": settings, "rows": rows, "load_average_end": load_average()}
+
+
+QWEN = RateSuite(IMAGES, prompt, flop_bounds, lambda inputs, rate: sum(kept_units(inputs, rate)[1]))
+
+
+def run_vlm_qwen(*, reps: int = 3, new_tokens: int = 16, threads: int = 2, depth: int = TOWER_DEPTH,
+                 text_layers: int | None = None, batches=(1, 2), memory: bool = True, progress: bool = True,
+                 smoke: bool = False) -> dict:
+    """The suite (see :func:`run_suite`; ``smoke``: widths of 64, one repeat, 2 new tokens)."""
+    if smoke:
+        reps, new_tokens, depth, text_layers, memory = 1, 2, 4, 2, False
+    about = {"tower_blocks": depth, "tower_full_attention": list(range(3, depth, 4)),
+             "language_model_layers": text_layers or TEXT["num_hidden_layers"]}
+    return run_suite("vlm-qwen", QWEN, build(depth, text_layers, smoke=smoke), about, reps=reps, new_tokens=new_tokens,
+                     threads=threads, batches=batches, memory=memory, progress=progress, smoke=smoke)

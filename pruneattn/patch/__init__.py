@@ -42,9 +42,9 @@ def patch(
     Args:
         model: a model of one of the families in :mod:`pruneattn.patch.registry` (timm
             ``VisionTransformer`` / ``Eva``, Hugging Face ViT / DeiT / CLIP / SigLIP / DINOv2, and their
-            subclasses), or a vision-language model listed there (LLaVA, PaliGemma, Qwen2-VL, Qwen2.5-VL:
-            the image tokens its language model reads are pruned in the vision tower, see
-            :mod:`pruneattn.patch.vlm`); anything
+            subclasses), or a vision-language model listed there (LLaVA, PaliGemma, Qwen2-VL, Qwen2.5-VL,
+            InternVL, Gemma 3, Mistral 3, Idefics3, SmolVLM: the image tokens its language model reads are
+            pruned in the vision tower, see :mod:`pruneattn.patch.vlm`); anything
             else raises TypeError naming its class (and why, where known).
         keep_rate: fraction of the patches each pruning block keeps (k = ceil(rate * P)), one number
             or one per entry of ``layers``; 1.0 keeps all (the block computes the same as unpatched).
@@ -58,7 +58,9 @@ def patch(
             (SigLIP, global-pooling ViTs without one); ``"cls"`` on a model without a class token raises.
         mode: ``"drop"`` or ``"fuse"`` (dropped patches averaged into one extra last token).
         tokens: keep exactly this many patches per image at each pruning block (one number or one per
-            entry of ``layers``) instead of a keep rate; give either ``keep_rate`` or ``tokens``.
+            entry of ``layers``) instead of a keep rate; give either ``keep_rate`` or ``tokens``. For a
+            vision-language model whose connector joins windows of patches into one token, windows per
+            image or tile (the model's language-model tokens).
         score_hook: ``fn(layer, scores) -> scores``, called in each pruning block with the block's index
             and its patch scores (B, P) float32; the tensor it returns (same shape) is used for selection
             instead (e.g. random scores for a control experiment). The fuse weights are unchanged.
@@ -137,7 +139,9 @@ def kept_indices(model: nn.Module) -> dict[int, torch.Tensor]:
     batch order (``B`` is the number of images), indexing each image's own patch grid. For images of
     different sizes in one batch (padded or packed encoders) each row lists its image's kept patches
     first and is padded with -1 up to the batch's widest image. For a tower that merges units
-    (Qwen2.5-VL's), the entries are the kept merged units, indices into each image's raster grid of units.
+    (Qwen2.5-VL's), the entries are the kept merged units, indices into each image's raster grid of units;
+    for a vision-language model whose connector joins windows of patches (InternVL, Gemma 3, Mistral 3,
+    Idefics3, SmolVLM), the patches of the kept windows (rows: the images or tiles the tower ran).
 
     Raises RuntimeError if no forward call has finished since patching, if the last one raised, or if
     the model was last traced by ``torch.export`` (an exported program leaves no indices behind);

@@ -142,9 +142,13 @@ class PrunedSequential(Swapped):
         a, m = cfg.shape.attention, cfg.shape.mlp
         h = x if a.norm is None else part(self, a.norm)(x)
         y, stats = attend(cfg, cfg.reader, part(self, a.module), h, rope, valid)
-        if valid is None:
-            x = prune_tokens(cfg, x + apply_after(self, a.after, y), stats)
-        else:
-            x, _ = prune_padded(cfg, x + apply_after(self, a.after, y), stats, valid)
+        x = self._pruneattn_select(cfg, x + apply_after(self, a.after, y), stats, valid)
         h = x if m.norm is None else part(self, m.norm)(x)
         return x + apply_after(self, m.after, part(self, m.module)(h))
+
+    def _pruneattn_select(self, cfg: BlockConfig, x: torch.Tensor, stats, valid: torch.Tensor | None) -> torch.Tensor:
+        """The tokens the block keeps of ``x`` after its attention residual (``valid``: the padding mask of
+        a padded encoder, or None); :mod:`pruneattn.patch.units` keeps whole units instead."""
+        if valid is None:
+            return prune_tokens(cfg, x, stats)
+        return prune_padded(cfg, x, stats, valid)[0]

@@ -157,7 +157,8 @@ def _begin_packed_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     elif isinstance(sizes, torch.Tensor):
         sizes = sizes.tolist()
     p = encoder.patch_size
-    state.lengths = [(int(h) // p) * (int(w) // p) for h, w in sizes]
+    state.grids = [(int(h) // p, int(w) // p) for h, w in sizes]
+    state.lengths = [h * w for h, w in state.grids]
 
 
 class PacksPerImage(Swapped):
@@ -348,7 +349,7 @@ class HFAdapter:
             if family.packed is not None:
                 continue  # the packed runner hands each layer its mask
             if family.padding is not None:
-                if not isinstance(block, PrunedPadded):
+                if not isinstance(block, TakesCallMask):  # pruning layers take it too
                     swap(block, TakesCallMask)
             else:
                 block._pruneattn_hooks = (block.register_forward_pre_hook(_drop_own_mask, with_kwargs=True),)

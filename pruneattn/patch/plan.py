@@ -78,7 +78,12 @@ class EncoderPlan:
         reader, fused = e.adapter.reader(family), False
         for layer, amount, shape in zip(self.layers, self.amounts, self.shapes):
             block = e.blocks[layer]
-            swap(block, e.adapter.pruned_block(shape, family))
+            mixin = e.adapter.pruned_block(shape, family)
+            if e.unit > 1 and family.merge_from is None:  # the model's connector joins m x m windows
+                from pruneattn.patch import units
+
+                mixin = units.pruned_block(mixin)
+            swap(block, mixin)
             block._pruneattn = BlockConfig(
                 layer, amount.keep_rate, self.stat, self.query, self.mode, e.num_prefix, fused_in=fused, plan=plan,
                 shape=shape, reader=reader, score_hook=self.score_hook, tokens=amount.tokens,

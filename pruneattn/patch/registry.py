@@ -377,8 +377,19 @@ class VisionLanguage:
     # None: fixed-size images, their patch count from the tower's config
     positions: str = "1d"  # "1d": positions count the prompt's tokens; "mrope": (t, h, w) ids from the
     # model's ``get_rope_index``, kept tokens at their original ids
+    connector: str | None = None  # its connector joins m x m windows of patches into one token, kept whole
+    # (:mod:`pruneattn.patch.vlm.connectors` names them); None: one token per patch, or the tower merges
+    sizes: str | None = None  # the call's argument with each image's (height, width) in pixels (images of any
+    # size padded into one tensor)
+    stacked: bool = False  # pixel_values are (prompts, images, channels, height, width), all-zero images padding
+    layout: str = "tiles"  # "tiles": each run of placeholders holds whole images (or tiles), each keeping k;
+    # the tokens around the runs stay. "rows": an image's placeholders come in rows of its unit grid, each row
+    # followed by one layout token; the kept ones are laid out as the processor lays out that many
+    placeholder: str = "image_token"  # the processor's attribute (path) holding the placeholder the model reads
 
 
+_TILES = ("each tile (the thumbnail or whole-image view too) keeps k of its units; the tags around its "
+          "placeholders are the processor's; images only, no videos")
 VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
     VisionLanguage(
         "Hugging Face LLaVA", "transformers", ("LlavaForConditionalGeneration", "LlavaModel"), "LlavaModel",
@@ -407,7 +418,44 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         "kept; images only, no videos)",
         tower="visual", grid="image_grid_thw", positions="mrope",
     ),
+    VisionLanguage(
+        "Hugging Face InternVL", "transformers", ("InternVLForConditionalGeneration", "InternVLModel"),
+        "InternVLModel", ("Hugging Face InternVL vision",),
+        "OpenGVLab/InternVL3-*-hf, InternVL3.5-*-HF (whole 2 x 2 pixel-shuffle groups pruned per 448 px tile in the "
+        f"feature layer, k per tile; {_TILES})",
+        feature_layer="vision_feature_layer", select_strategy="vision_feature_select_strategy", connector="internvl",
+    ),
+    VisionLanguage(
+        "Hugging Face Gemma 3", "transformers", ("Gemma3ForConditionalGeneration", "Gemma3Model"), "Gemma3Model",
+        ("Hugging Face SigLIP vision",),
+        "google/gemma-3-4b/12b/27b-* (whole 4 x 4 average-pool windows pruned per 896 px image in the tower's last "
+        "block, k per image (each pan-and-scan crop is one image); the bidirectional attention among an image's "
+        "tokens spans its kept tokens)",
+        connector="gemma3", placeholder="tokenizer.image_token",
+    ),
+    VisionLanguage(
+        "Hugging Face Mistral 3", "transformers", ("Mistral3ForConditionalGeneration", "Mistral3Model"),
+        "Mistral3Model", ("Hugging Face Pixtral vision",),
+        "mistralai/Mistral-Small-3.1-*, 3.2 (images of any size: whole 2 x 2 merged units pruned per image in the "
+        "tower's last block, k = ceil(rate * units) per image; the kept tokens laid out in rows of the image's "
+        "width, `[IMG_BREAK]` between rows, `[IMG_END]` last, as the processor lays out that many)",
+        feature_layer="vision_feature_layer", connector="mistral3", sizes="image_sizes", layout="rows",
+    ),
+    VisionLanguage(
+        "Hugging Face SmolVLM", "transformers", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), "SmolVLMModel",
+        ("Hugging Face Idefics3 / SmolVLM vision",),
+        "HuggingFaceTB/SmolVLM-*, SmolVLM2-* (whole pixel-shuffle groups pruned per tile in the tower's last block, "
+        f"k per tile; {_TILES})",
+        tower="vision_model", connector="pixel_shuffle", stacked=True,
+    ),
+    VisionLanguage(
+        "Hugging Face Idefics3", "transformers", ("Idefics3ForConditionalGeneration", "Idefics3Model"),
+        "Idefics3Model", ("Hugging Face Idefics3 / SmolVLM vision",),
+        f"HuggingFaceM4/Idefics3-8B-Llama3 (as SmolVLM: whole pixel-shuffle groups per tile, k per tile; {_TILES})",
+        tower="vision_model", connector="pixel_shuffle", stacked=True,
+    ),
 )
+
 
 _REL_POS = "its attention adds a relative position bias per token pair, which the fused kernels do not take"
 _TOWER_ALONE = ("patch its vision tower (`model.visual` of the base model, `model.model.visual` of the generation "
@@ -417,6 +465,13 @@ _DEEPSTACK = ("its language model adds the vision tower's DeepStack features at 
               f"pruneattn does not do for it; {_TOWER_ALONE}")
 _MERGED_LM = ("its prompt and M-RoPE positions would have to be shortened to the kept units, which pruneattn does not "
               f"do for it; {_TOWER_ALONE}")
+_ANYRES = ("after its vision tower, the tiles of an image are stitched into one grid and cropped to the image "
+           "(unpadding), with a newline token after each row of that grid: how many kept tokens survive the crop "
+           "would depend on which patches were kept, so the prompt could not be written from the image's size; "
+           "patch its vision tower (`model.model.vision_tower`) for pruned features")
+_GEMMA4 = ("its vision tower (Gemma4VisionModel) normalizes q, k and v per head and rotates them by tables of pixel "
+           "positions, which pruneattn's attention readers do not reproduce, and it pools 3 x 3 windows of pixel "
+           "positions to a token budget over padded images; pruneattn prunes neither that tower nor the whole model")
 # Model classes that look like ViTs but whose attention pruneattn cannot reproduce: (library, class) -> why.
 REFUSED: dict[tuple[str, str], str] = {
     ("timm", "Beit"): _REL_POS,
@@ -434,10 +489,12 @@ REFUSED: dict[tuple[str, str], str] = {
     "reconstructs the masked ones, so it needs all patch tokens; patch its encoder (model.vit) instead",
     ("transformers", "Owlv2ForObjectDetection"): "its heads predict one box per patch of the full grid; patch "
     "its Owlv2VisionModel alone for features",
-    ("transformers", "LlavaNextForConditionalGeneration"): "it splits each image into a variable number of tiles "
-    "and adds a newline token per row of each tile, so the image tokens are not one fixed grid per image",
-    ("transformers", "LlavaOnevisionForConditionalGeneration"): "it splits each image into a variable number of "
-    "tiles and adds newline tokens, so the image tokens are not one fixed grid per image",
+    ("transformers", "LlavaNextForConditionalGeneration"): _ANYRES,
+    ("transformers", "LlavaNextModel"): _ANYRES,
+    ("transformers", "LlavaOnevisionForConditionalGeneration"): _ANYRES,
+    ("transformers", "LlavaOnevisionModel"): _ANYRES,
+    ("transformers", "Gemma4ForConditionalGeneration"): _GEMMA4,
+    ("transformers", "Gemma4Model"): _GEMMA4,
     ("transformers", "Qwen3VLForConditionalGeneration"): _DEEPSTACK,
     ("transformers", "Qwen3VLModel"): _DEEPSTACK,
     ("transformers", "Qwen3VLMoeForConditionalGeneration"): _DEEPSTACK,
@@ -452,18 +509,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("transformers", "Glm4vMoeModel"): _MERGED_LM,
     ("transformers", "Glm46VForConditionalGeneration"): _MERGED_LM,
     ("transformers", "Glm46VModel"): _MERGED_LM,
-    ("transformers", "Gemma3ForConditionalGeneration"): "its projector average-pools 4 x 4 patches into one "
-    "language-model token, so whole pooled units would have to be kept, which pruneattn does not do for it",
-    ("transformers", "Idefics3Model"): "its connector merges patches by pixel shuffle and it splits images "
-    "into tiles, so whole merged units per tile would have to be kept; patch its vision tower "
-    "(model.vision_model) for features",
-    ("transformers", "SmolVLMModel"): "its connector merges patches by pixel shuffle and it splits images "
-    "into tiles, so whole merged units per tile would have to be kept; patch its vision tower "
-    "(model.vision_model) for features",
-    ("transformers", "Idefics3ForConditionalGeneration"): "its connector merges patches by pixel shuffle and it "
-    "splits images into tiles, so whole merged units per tile would have to be kept",
-    ("transformers", "SmolVLMForConditionalGeneration"): "its connector merges patches by pixel shuffle and it "
-    "splits images into tiles, so whole merged units per tile would have to be kept",
     ("transformers", "Blip2ForConditionalGeneration"): "its language model reads a fixed number of Q-Former "
     "query tokens, not the image patches, so pruning patches would not shorten what it reads",
     ("transformers", "MllamaForConditionalGeneration"): "its language model reads the image through "

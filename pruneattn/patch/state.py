@@ -74,6 +74,7 @@ class ForwardState:
     caller_mask: bool = False  # the caller passed an attention mask (Hugging Face encoders)
     valid: torch.Tensor | None = None  # (B, N) padding mask of the tokens between blocks (padded encoders)
     lengths: list[int] | None = None  # tokens of each image packed in one sequence (packed encoders)
+    grids: list[tuple[int, int]] | None = None  # (rows, columns) of each image's patch grid (packed encoders)
     packed: PackedTokens | None = None  # where the remaining tokens sit (window-attention towers)
     sort_kept: bool = False  # kept_indices sorts each row (the blocks see the patches in another order)
     token: object = field(default=None, repr=False)  # restores the previous current state

@@ -1,10 +1,11 @@
 """Vision-language models: prune the image tokens their language model reads.
 
-Pruning sits in the vision tower's *feature layer*, the block whose output the model reads (LLaVA:
-``hidden_states[vision_feature_layer]``; PaliGemma, Qwen2-VL, Qwen2.5-VL: the last block): after that
-block's attention the tower keeps k units per image (patches, or merged 2 x 2 units), scored by
-pruneattn's fused attention, in raster order. The tower is patched as any encoder of its family; nothing
-runs eager attention.
+Pruning sits in the vision tower's *feature layer*, the block whose output the model reads (LLaVA,
+InternVL: ``hidden_states[vision_feature_layer]``; PaliGemma, Qwen2-VL, Qwen2.5-VL, Gemma 3, Mistral 3,
+Idefics3 / SmolVLM: the last block): after that block's attention the tower keeps k units per image or
+tile (patches, or the windows of patches that the model's connector joins into one token: Qwen's 2 x 2
+merged units, :mod:`pruneattn.patch.units` for the others), scored by pruneattn's fused attention, in
+raster order. The tower is patched as any encoder of its family; nothing runs eager attention.
 
 Every family goes one path:
 
@@ -16,7 +17,9 @@ Every family goes one path:
   it is (M-RoPE models get their kept tokens' original ids), a full prompt is shortened, any other
   count is refused as the unpatched model refuses it;
 - :mod:`~pruneattn.patch.vlm.generation`: ``generate`` reads its call once and keeps everything that
-  reads the sequence in the caller's terms.
+  reads the sequence in the caller's terms;
+- :mod:`~pruneattn.patch.vlm.connectors`: the models whose connector joins windows of patches get their
+  kept units in the order that connector reads them.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pruneattn.patch.plan import plan_encoder
 from pruneattn.patch.registry import VisionLanguage
 from pruneattn.patch.swap import swap
 from pruneattn.patch.vlm.call import CallerView, arguments, prepare, remember
+from pruneattn.patch.vlm.connectors import CONNECTORS
 from pruneattn.patch.vlm.features import SplitsKeptUnits
 from pruneattn.patch.vlm.generation import PrunedGeneration
 from pruneattn.patch.vlm.scope import already_read, enter, leave
@@ -55,6 +59,21 @@ def _feature_blocks(feature_layer: object, depth: int) -> list[int]:
             )
         blocks.append(i - 1)
     return blocks
+
+
+def _pad_token_id(*configs: object) -> int:
+    """The first pad token id the configs set (the language model's first; id 0 counts), else 0."""
+    return next((int(p) for p in (getattr(c, "pad_token_id", None) for c in configs) if p is not None), 0)
+
+
+def _square(size: object) -> int:
+    """One side of a config's image or patch size (an int, or a square (height, width))."""
+    if isinstance(size, int):
+        return size
+    height, width = size
+    if height != width:
+        raise ValueError(f"pruneattn.patch: expected a square image and patch size in the vision config, got {size!r}")
+    return int(height)
 
 
 def _has_class(module: object, name: str) -> bool:
@@ -113,6 +132,15 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
     encoder = registry.describe(tower)
     config = base.config
     depth = len(encoder.blocks)
+    connector = None if entry.connector is None else CONNECTORS[entry.connector]
+    if connector is not None:  # its connector joins m x m windows: they are scored and kept whole
+        connector.check(config, depth)
+        encoder = replace(encoder, unit=connector.side(config) ** 2)
+        if options.mode == "fuse":
+            raise ValueError(
+                f"pruneattn.patch: mode='fuse' is not available for {type(model).__name__}: its connector joins whole "
+                "windows of patches, and a fused token is no window; use mode='drop'"
+            )
     feature_layer = None if entry.feature_layer is None else getattr(config, entry.feature_layer)
     strategy = None if entry.select_strategy is None else getattr(config, entry.select_strategy)
     if strategy not in (None, "default", "full"):
@@ -126,18 +154,20 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
             f"every pruning block must be at or before it; got layers {list(tower_plan.layers)}"
         )
     vc = config.vision_config
-    fixed = entry.grid is None
+    fixed = entry.grid is None and entry.sizes is None
+    patch_size = _square(vc.patch_size)
+    image_size = _square(vc.image_size) if fixed else None
     if fixed:
-        check_fits((vc.image_size // vc.patch_size) ** 2, tower_plan.amounts)
+        check_fits((image_size // patch_size) ** 2 // encoder.unit, tower_plan.amounts)
     text = config.get_text_config()
     plan = VisionLanguagePlan(
         entry=entry,
         tokens=ImageTokens(tower_plan.amounts, int(encoder.class_token) - int(strategy == "default"), tower_plan.fused),
         image_token_id=int(config.image_token_id),
-        pad_token_id=int(getattr(text, "pad_token_id", None) or getattr(config, "pad_token_id", None) or 0),
+        pad_token_id=_pad_token_id(text, config),
         unit=encoder.unit,
-        patch_size=int(vc.patch_size),
-        image_size=int(vc.image_size) if fixed else None,
+        patch_size=patch_size,
+        image_size=image_size,
         channels=int(getattr(vc, "num_channels", 3)),
         feature_layer=tuple(feature_layer) if isinstance(feature_layer, list) else feature_layer,
         select_strategy=strategy,
@@ -145,7 +175,9 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
     unpatch(model)
     tower_plan.apply()
     base._pruneattn_vlm = plan
-    if not fixed:
+    if connector is not None:
+        swap(base, connector.mixin)
+    elif not fixed:
         swap(base, SplitsKeptUnits)
     _hook(base)
     if model is not base:

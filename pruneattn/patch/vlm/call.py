@@ -19,6 +19,7 @@ and a prompt with placeholders for them. The number of placeholders says which p
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruneattn.patch.vlm.layout import CallerView, Shortening, expand, shorten, shorten_to
+from pruneattn.patch.vlm.layout import CallerView, Shortening, expand, shorten_images, shorten_to
 from pruneattn.patch.vlm.positions import full_positions, take_rows, with_text_row
 from pruneattn.patch.vlm.tokens import VisionLanguagePlan
 
@@ -119,7 +120,7 @@ def prepare(plan: VisionLanguagePlan, base: nn.Module, call: dict) -> Prepared |
     # One host read: how many placeholders (which prompt this is), and for fixed-size images whether a row
     # holds a part of an image (the prompt's rows are shortened image by image).
     per_row = is_image.sum(1)
-    each = plan.tokens.full(plan.units(call, 1)[0]) if plan.entry.grid is None else 1
+    each = plan.tokens.full(plan.units(call, 1)[0]) if plan.image_size is not None else 1
     found, ragged = torch.stack([per_row.sum(), (per_row % each).ne(0).any()]).tolist()
     positioned = plan.entry.positions != "mrope" or call.get("position_ids") is not None
     if given is not None and found == given and positioned:
@@ -167,6 +168,8 @@ def _images(plan: VisionLanguagePlan, call: dict, pixels: torch.Tensor) -> int:
         if grid is None:
             raise ValueError(f"pruneattn: pass the processor's {plan.entry.grid} with pixel_values")
         return len(grid)
+    if plan.entry.stacked:  # (prompts, slots, ...): the images that are not all zeros, at least one
+        return max(1, int((pixels != 0).flatten(2).any(dim=2).sum()))
     return pixels.shape[0]  # its shape checked with the call's settings
 
 
@@ -186,7 +189,8 @@ def _check_settings(plan: VisionLanguagePlan, call: dict) -> None:
             f"pruneattn: this model was patched for vision_feature_select_strategy={plan.select_strategy!r}; the "
             f"call asks for {strategy!r}. Patch it again after setting config.vision_feature_select_strategy"
         )
-    if plan.entry.grid is None and call.get("image_sizes") is not None:
+    sizes = call.get("image_sizes")
+    if plan.entry.grid is None and plan.entry.sizes != "image_sizes" and sizes is not None:
         raise ValueError("pruneattn: image_sizes (images of several sizes in one tensor) is not supported for this model")
     if call.get("pixel_values_videos") is not None:
         raise ValueError(
@@ -194,11 +198,15 @@ def _check_settings(plan: VisionLanguagePlan, call: dict) -> None:
             "supported. Unpatch the model (pruneattn.unpatch) for video prompts"
         )
     pixels = call.get("pixel_values")
-    if pixels is not None and plan.entry.grid is None and (pixels.dim() != 4 or pixels.shape[1] != plan.channels):
+    dims = 5 if plan.entry.stacked else 4
+    if pixels is not None and plan.entry.grid is None and (pixels.dim() != dims or pixels.shape[-3] != plan.channels):
+        shape = f"{'prompts, images' if plan.entry.stacked else 'images'}, {plan.channels}, height, width"
         raise ValueError(
-            f"pruneattn: pixel_values must be (images, {plan.channels}, height, width) for this model's vision tower, "
-            f"got {tuple(pixels.shape)}; pass the processor's pixel_values"
+            f"pruneattn: pixel_values must be ({shape}) for this model's vision tower, got {tuple(pixels.shape)}; pass "
+            "the processor's pixel_values"
         )
+    if pixels is not None and plan.entry.sizes is not None:
+        _check_sizes(plan, call, pixels)
     if pixels is not None and plan.image_size is not None and not call.get("interpolate_pos_encoding"):
         if tuple(pixels.shape[-2:]) != (plan.image_size, plan.image_size):
             raise ValueError(
@@ -215,6 +223,26 @@ def _check_settings(plan: VisionLanguagePlan, call: dict) -> None:
     mask = call.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError("pruneattn: pass the processor's 2-D attention_mask (batch, tokens), not a prepared 4-D mask")
+
+
+def _check_sizes(plan: VisionLanguagePlan, call: dict, pixels: torch.Tensor) -> None:
+    """Images of any size padded into one tensor: one size per image, each a whole number of units."""
+    sizes = call.get(plan.entry.sizes)
+    if sizes is None:
+        raise ValueError(f"pruneattn: pass the processor's {plan.entry.sizes} with pixel_values")
+    sizes = torch.as_tensor(sizes).tolist()
+    step = plan.patch_size * math.isqrt(plan.unit)
+    if len(sizes) != pixels.shape[0]:
+        raise ValueError(
+            f"pruneattn: {plan.entry.sizes} describes {len(sizes)} images, pixel_values hold {pixels.shape[0]}; pass "
+            "the processor's outputs as they are"
+        )
+    for h, w in sizes:
+        if h % step or w % step or h > pixels.shape[-2] or w > pixels.shape[-1]:
+            raise ValueError(
+                f"pruneattn: an image of {h} x {w} pixels is not a whole number of {step} x {step} pixel units within "
+                f"pixel_values of {pixels.shape[-2]} x {pixels.shape[-1]}; pass the processor's outputs as they are"
+            )
 
 
 def _placeholders(plan: VisionLanguagePlan, base: nn.Module, call: dict, past: int) -> torch.Tensor:
@@ -304,7 +332,6 @@ def _shortened(
 ) -> Prepared:
     """A full prompt: the model's call with the dropped units' placeholders removed."""
     mask = call.get("attention_mask")
-    images = len(units)
     if plan.entry.positions == "mrope":
         features = _run_tower(base, call) if features is None else features
         kept = _kept_units(features)
@@ -315,8 +342,9 @@ def _shortened(
         rank = is_image.flatten().long().cumsum(0).view_as(is_image) - 1
         cut = shorten_to(~is_image | chosen[rank.clamp(min=0)], mask, is_image, int(counts.sum()), removed)
     else:
-        full, kept = plan.tokens.full(units[0]), plan.tokens.kept(units[0])
-        cut = shorten(is_image, full, kept, images, mask)
+        rows = [w for _, w in plan.unit_grids(call)] if plan.entry.layout == "rows" else None
+        cut = shorten_images(is_image, [plan.tokens.full(u) for u in units], [plan.tokens.kept(u) for u in units],
+                             mask, rows)
     out = {k: v for k, v in call.items()}
     for name, fill in ALONG.items():
         if call.get(name) is not None:

@@ -64,9 +64,40 @@ def shorten(
 ) -> Shortening:
     """The shortening of prompts whose image placeholders are ``is_image`` (B, L) bool, ``full`` per image
     of which the first ``kept`` stay, for ``num_images`` images in all (see :func:`shorten_to`)."""
-    rank = is_image.long().cumsum(1) - 1  # index of each placeholder among its row's placeholders
-    stays = ~is_image | (rank % full < kept)
-    return shorten_to(stays, attention_mask, is_image, num_images * full, num_images * (full - kept))
+    return shorten_images(is_image, [full] * num_images, [kept] * num_images, attention_mask)
+
+
+def shorten_images(
+    is_image: torch.Tensor,
+    full: list[int],
+    kept: list[int],
+    attention_mask: torch.Tensor | None,
+    rows: list[int] | None = None,
+) -> Shortening:
+    """The shortening of prompts whose image placeholders are ``is_image`` (B, L) bool, image i (in batch
+    order) taking ``full[i]`` of which the first ``kept[i]`` stay (see :func:`shorten_to`).
+
+    ``rows``: each image's placeholders come in rows of ``rows[i]``, each row followed by one layout token
+    (Mistral 3's ``[IMG_BREAK]``, its last row's ``[IMG_END]``): the tokens after the rows that no kept
+    placeholder reaches go too (not the image's last), so the kept ones are laid out as the processor lays
+    out ``kept[i]`` placeholders: rows of the same width, the last one shorter."""
+    device = is_image.device
+    counts, stay = torch.tensor(full, device=device), torch.tensor(kept, device=device)
+    ends = counts.cumsum(0)
+    # A placeholder's rank among all placeholders (batch order); a token after it has the same rank.
+    rank = (is_image.flatten().long().cumsum(0) - 1).view_as(is_image).clamp(min=0)
+    image = torch.bucketize(rank, ends, right=True).clamp(max=len(full) - 1)
+    within = rank - (ends - counts)[image]  # the (last) placeholder's place among its image's
+    stays = ~is_image | (within < stay[image])
+    removed = sum(full) - sum(kept)
+    if rows is not None:
+        width = torch.tensor(rows, device=device)[image]
+        after = torch.nn.functional.pad(is_image[:, :-1], (1, 0)) & ~is_image  # the token after a placeholder
+        reached = within + 1
+        breaks = after & (reached % width == 0) & (reached < counts[image])
+        stays &= ~breaks | (reached < stay[image])
+        removed += sum(f // w - -(-k // w) for f, k, w in zip(full, kept, rows))
+    return shorten_to(stays, attention_mask, is_image, sum(full), removed)
 
 
 def shorten_to(

@@ -13,6 +13,8 @@ asks for) give the kept count; ``pruneattn.unpatch(processor)`` restores it.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -26,18 +28,39 @@ class ProcessorPlan:
     """What a patched processor writes per image (frozen, on the processor)."""
 
     tokens: ImageTokens
-    image_token: str
+    image_token: str  # the placeholder the model reads
     model: str  # the model's class, for messages
+    tile: int | None  # placeholders of one tile (fixed-size towers); None: each image has its own count
+    layout: str  # the registry entry's layout: "tiles" or "rows"
+
+    def count(self, full: int) -> int:
+        """The kept count of an image (all its tiles) that the unpatched processor gives ``full`` placeholders."""
+        if self.tile is None:
+            return self.tokens.planned(full)
+        if full % self.tile:
+            raise ValueError(
+                f"pruneattn: this processor writes {full} image tokens for an image, not a whole number of tiles of "
+                f"{self.tile} for this {self.model}; the processor and the model belong to different settings"
+            )
+        return full // self.tile * self.tokens.planned(self.tile)
 
     def text(self, full_text: str) -> str:
-        """The planned text of one image whose unpatched text is ``full_text``."""
-        count = full_text.count(self.image_token)
-        if full_text != self.image_token * count:
-            raise ValueError(
-                f"pruneattn: this processor writes other tokens than {self.image_token!r} for an image; "
-                "pruneattn plans images written as a run of placeholders only"
-            )
-        return self.image_token * self.tokens.planned(count)
+        """The planned text of one image whose unpatched text is ``full_text``: "tiles": each run of
+        placeholders (whole tiles) with its kept count, the text around the runs as it is; "rows": the
+        text up to the kept count's last placeholder, then what follows the image's last placeholder."""
+        token = self.image_token
+        parts = re.split(f"((?:{re.escape(token)})+)", full_text)  # text, run, text, ..., run, text
+        runs = [len(run) // len(token) for run in parts[1::2]]
+        if self.layout == "tiles":
+            return "".join(token * self.count(part.count(token)) if i % 2 else part for i, part in enumerate(parts))
+        left, out = self.count(sum(runs)), [parts[0]]
+        for i, n in enumerate(runs):
+            out.append(token * min(n, left))
+            left -= min(n, left)
+            if not left:
+                break
+            out.append(parts[2 * i + 2])  # the layout token between this row and the next
+        return "".join([*out, parts[-1]])
 
 
 class PlansImageTokens(Swapped):
@@ -52,7 +75,7 @@ class PlansImageTokens(Swapped):
         data = super()._get_num_multimodal_tokens(*args, **kwargs)
         counts = getattr(data, "num_image_tokens", None)
         if counts is not None:
-            data.num_image_tokens = [self._pruneattn_tokens.tokens.planned(n) for n in counts]
+            data.num_image_tokens = [self._pruneattn_tokens.count(n) for n in counts]
         return data
 
 
@@ -67,11 +90,12 @@ def model_plan(model: nn.Module) -> VisionLanguagePlan:
     return found[0]
 
 
-def _check_agrees(processor: object, plan: VisionLanguagePlan, model: nn.Module) -> None:
-    """Refuse a processor whose prompts the model would not read: another image token, or another count of
-    placeholders per image than the model's tower yields."""
+def _placeholder(processor: object, plan: VisionLanguagePlan) -> str:
+    """The processor's placeholder of the model's image token (refused where it is another token)."""
     tokenizer = getattr(processor, "tokenizer", None)
-    token = getattr(processor, "image_token", None)
+    token = processor
+    for name in plan.entry.placeholder.split("."):
+        token = getattr(token, name, None)
     if token is None or tokenizer is None:
         raise TypeError(f"pruneattn.patch_processor: this {type(processor).__name__} has no image token to plan")
     token_id = tokenizer.convert_tokens_to_ids(token)
@@ -80,26 +104,36 @@ def _check_agrees(processor: object, plan: VisionLanguagePlan, model: nn.Module)
             f"pruneattn.patch_processor: the processor's image token {token!r} is id {token_id}, the model's image "
             f"token id is {plan.image_token_id}: they belong to different models"
         )
-    if plan.entry.grid is not None:  # images of any size: the image processor must merge as the tower does
+    return token
+
+
+def _tile(processor: object, plan: VisionLanguagePlan, model: nn.Module) -> int | None:
+    """Placeholders of one tile (fixed-size towers), after refusing a processor whose images the model's
+    tower does not take as it does."""
+    side = math.isqrt(plan.unit)
+    if plan.entry.grid is not None or plan.entry.sizes is not None:  # images of any size: units must agree
         merge = getattr(getattr(processor, "image_processor", None), "merge_size", None)
-        if merge is not None and merge * merge != plan.unit:
+        merge = getattr(processor, "spatial_merge_size", merge)
+        patch = getattr(processor, "patch_size", None) if plan.entry.sizes is not None else None
+        if (merge is not None and merge != side) or (patch is not None and patch != plan.patch_size):
             raise ValueError(
-                f"pruneattn.patch_processor: the image processor merges {merge} x {merge} patches, the model's "
-                f"tower {int(plan.unit ** 0.5)} x {int(plan.unit ** 0.5)}: they belong to different models"
+                f"pruneattn.patch_processor: the processor makes units of {merge} x {merge} patches of {patch} px, the "
+                f"model's tower {side} x {side} patches of {plan.patch_size} px: they belong to different models"
             )
-        return
+        return None
+    tile = plan.tokens.full((plan.image_size // plan.patch_size) ** 2 // plan.unit)
     size = [[plan.image_size, plan.image_size]]
     try:
         full = original_class(processor)._get_num_multimodal_tokens(processor, image_sizes=size)["num_image_tokens"][0]
     except (AttributeError, KeyError, TypeError):
-        return  # the processor cannot say; the model checks every prompt it gets
-    patches = (plan.image_size // plan.patch_size) ** 2
-    if full != plan.tokens.full(patches):
+        return tile  # the processor cannot say; the model checks every prompt it gets
+    if full % tile:
         raise ValueError(
             f"pruneattn.patch_processor: the processor writes {full} image tokens per image where this "
-            f"{type(model).__name__}'s tower yields {plan.tokens.full(patches)} (check the processor's patch_size, "
+            f"{type(model).__name__}'s tower yields {tile} per tile (check the processor's patch_size, image_seq_length, "
             "vision_feature_select_strategy and num_additional_image_tokens against the model's config)"
         )
+    return tile
 
 
 def patch_processor(processor: object, model: nn.Module) -> object:
@@ -111,7 +145,7 @@ def patch_processor(processor: object, model: nn.Module) -> object:
             f"got {type(processor).__name__}"
         )
     plan = model_plan(model)
-    _check_agrees(processor, plan, model)
+    token, tile = _placeholder(processor, plan), _tile(processor, plan, model)
     swap(processor, PlansImageTokens)  # a patched processor is patched again from its original class
-    processor._pruneattn_tokens = ProcessorPlan(plan.tokens, processor.image_token, type(model).__name__)
+    processor._pruneattn_tokens = ProcessorPlan(plan.tokens, token, type(model).__name__, tile, plan.entry.layout)
     return processor

@@ -8,6 +8,7 @@ keep), plus the tokens the model adds per image (a class token it keeps, a fused
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ class VisionLanguagePlan:
     tokens: ImageTokens
     image_token_id: int
     pad_token_id: int
-    unit: int  # patches per merged unit (1: each patch is a token)
+    unit: int  # patches per unit that the model joins into one token (1: each patch is a token)
     patch_size: int  # fixed-size towers: pixels per patch side
     image_size: int | None  # fixed-size towers: the image side the tower takes; None: any size (grid)
     channels: int
@@ -53,13 +54,24 @@ class VisionLanguagePlan:
     select_strategy: str | None
 
     def units(self, call: dict, images: int) -> list[int]:
-        """Units of each of the ``images`` images of ``call`` (batch order): from their patch grids (towers
-        that take any size), else from the pixels' size or, for features computed beforehand, the tower's."""
+        """Units of each of the ``images`` images of ``call`` (batch order): from their patch grids or sizes
+        (towers that take any size), else from the pixels' size or, for features computed beforehand, the
+        tower's."""
         if self.entry.grid is not None:
             grid = call.get(self.entry.grid)
             if grid is None:
                 raise ValueError(f"pruneattn: pass the processor's {self.entry.grid} with the images")
             return [int(n) // self.unit for n in torch.as_tensor(grid).prod(-1).tolist()]
+        if self.entry.sizes is not None:
+            return [h * w for h, w in self.unit_grids(call)]
         pixels = call.get("pixel_values")
         h, w = pixels.shape[-2:] if pixels is not None else (self.image_size, self.image_size)
-        return [(int(h) // self.patch_size) * (int(w) // self.patch_size)] * images
+        return [(int(h) // self.patch_size) * (int(w) // self.patch_size) // self.unit] * images
+
+    def unit_grids(self, call: dict) -> list[tuple[int, int]]:
+        """(rows, columns) of units of each image of a call whose images are of any size (``entry.sizes``)."""
+        sizes = call.get(self.entry.sizes)
+        if sizes is None:
+            raise ValueError(f"pruneattn: pass the processor's {self.entry.sizes} with the images")
+        step = self.patch_size * math.isqrt(self.unit)
+        return [(int(h) // step, int(w) // step) for h, w in torch.as_tensor(sizes).tolist()]

@@ -12,6 +12,8 @@
     pruneattn bench --vlm-qwen           a Qwen2.5-VL-shaped model (images of 448 x 448 and 672 x 448):
                                          the same metrics at 25% and 12.5% of the merged tokens, vs an
                                          eager last block (a CPU: about 30 min)
+    pruneattn bench --vlm-qwen3          the same for a Qwen3-VL-2B-shaped model (DeepStack; images of
+                                         448 x 448 and 896 x 672)
     pruneattn bench                      everything that fits the machine: --ops --models on a GPU,
                                          --cpu-ops --cpu-models on a CPU
 
@@ -30,7 +32,7 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm", "vlm-qwen")
+_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm", "vlm-qwen", "vlm-qwen3")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
@@ -182,39 +184,45 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, "models", res, md, models_gpu.plot)
     if "vlm" in chosen:
         _run_vlm(args, device, progress)
-    if "vlm-qwen" in chosen:
-        _run_vlm_qwen(args, progress)
+    for flag in ("vlm-qwen", "vlm-qwen3"):
+        if flag in chosen:
+            _run_vlm_qwen(args, device, progress, flag)
     return 0
 
 
-def _run_vlm_qwen(args: argparse.Namespace, progress: bool) -> None:
-    from pruneattn.bench import vlm_qwen
+def _run_vlm_qwen(args: argparse.Namespace, device, progress: bool, flag: str) -> None:
+    from pruneattn.bench import vlm_qwen, vlm_qwen3
 
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
+    suite = vlm_qwen3.QWEN3 if flag == "vlm-qwen3" else vlm_qwen.QWEN25
+    if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
         print("note: OMP_WAIT_POLICY is not PASSIVE; on a shared CPU set it before starting (see benchmarks/NOTES.md)")
-    res = vlm_qwen.run_vlm_qwen(reps=args.reps or 3, threads=args.threads, memory=not args.no_memory,
+    res = vlm_qwen.run_vlm_qwen(suite, device, reps=args.reps, threads=args.threads, memory=not args.no_memory,
                                 progress=progress, smoke=args.smoke)
+    res["checks"] = vlm_qwen.checks(res["rows"])
     if args.smoke:
         _mark_smoke(res)
     st = res["settings"]
-    extra = (f"\nModel: Qwen2.5-VL's tower block shape (width 1280, 16 heads of 80, 112 px windows) with "
-             f"{st['tower_blocks']} blocks instead of 32 (full attention in {st['tower_full_attention']}), a "
-             f"{st['language_model_layers']}-layer Qwen2.5-0.5B-shaped language model; {st['dtype']}, "
-             f"{st['threads']} threads. TTFT: median (q1, q3) of {st['ttft_reps']} interleaved `generate` calls, "
-             "the tower included. Decode: the steps of one call that generates "
-             f"{st['new_tokens']} tokens. Peak memory (`peak_mb`): peak bytes held by torch's CPU allocator above "
-             f"the weights, during a {st['memory_run']}. Bounds: matmul FLOPs of the prefill (tower + language "
-             "model) and of a decode step, unpatched over the configuration (`pruneattn/bench/vlm_qwen.py`). "
-             "`eager last block`: the same pruning with the scoring attention built from the N x N weights; "
-             "`same_kept_as_eager`: both keep the same units.\n")
-    md, txt = _section("Qwen2.5-VL-shaped model: unpatched vs pruneattn vs an eager last block", res["environment"],
+    peak = ("`torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak bytes held by torch's CPU "
+            "allocator")
+    threads = f", {st['threads']} threads" if st["threads"] else ""
+    model = "Model (smoke run: widths of 64 in place of the widths named here)" if args.smoke else "Model"
+    extra = (f"\n{model}: {suite.describe(st)}; {st['dtype']}{threads}, pruneattn's {st['backend']} backend. TTFT: "
+             f"median (q1, q3) of {st['ttft_reps']} interleaved `generate` calls, the tower included. Decode: the "
+             f"steps of {st['decode_reps']} call(s) that generate {st['new_tokens']} tokens. Peak memory (`peak_mb`): "
+             f"{peak} above the weights, during a {st['memory_run']}. Bounds: matmul FLOPs of the prefill (tower + "
+             "language model) and of a decode step, unpatched over the configuration "
+             f"(`{suite.build.__module__.replace('.', '/')}.py`). `eager last block`: the same "
+             "pruning with the scoring attention built from the N x N weights; `same_kept_as_eager`: both keep the "
+             "same units.\n")
+    extra += _checks_md(res["checks"], args.smoke)
+    md, txt = _section(suite.title, res["environment"],
                        res["rows"], ["batch", "images", "config", "image_tokens_to_lm", "ttft_ms", "ttft_q1_ms",
                                      "ttft_q3_ms", "ttft_speedup", "ttft_flop_bound", "bound_fraction", "ttft_cpu_s",
                                      "decode_ms_per_step", "decode_tok_s", "decode_speedup", "decode_flop_bound",
                                      "peak_mb", "same_kept_as_eager"],
                        extra, res["load_average_end"], smoke=args.smoke)
     print(txt)
-    _write(args.out, "vlm_qwen", res, md, None)
+    _write(args.out, suite.stem, res, md, None)
 
 
 def _run_vlm(args: argparse.Namespace, device, progress: bool) -> None:

@@ -1,7 +1,7 @@
 """Vision-language models: prune the image tokens their language model reads.
 
 Pruning sits in the vision tower's *feature layer*, the block whose output the model reads (LLaVA:
-``hidden_states[vision_feature_layer]``; PaliGemma, Qwen2-VL, Qwen2.5-VL: the last block): after that
+``hidden_states[vision_feature_layer]``; PaliGemma and the M-RoPE families: the last block): after that
 block's attention the tower keeps k units per image (patches, or merged 2 x 2 units), scored by
 pruneattn's fused attention, in raster order. The tower is patched as any encoder of its family; nothing
 runs eager attention.

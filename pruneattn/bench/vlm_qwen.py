@@ -292,11 +292,12 @@ def _rows(suite, model, batch, inputs, cands, samples, peaks, env, dtype) -> lis
     base_prefill, base_decode = flop_bounds(suite, model, inputs, None)
     eager_kept = {c.rate: c.kept_units() for c in cands if c.eager}
     base_ttft = _stats(samples["unpatched"]["ttft"])["median_s"]
+    base_cpu = _stats(samples["unpatched"]["ttft_cpu"])["median_s"]
     base_step = _stats(samples["unpatched"]["steps"])["median_s"]
     rows = []
     for c in cands:
         s = samples[c.name]
-        ttft, step = _stats(s["ttft"]), _stats(s["steps"])
+        ttft, step, cpu = _stats(s["ttft"]), _stats(s["steps"]), _stats(s["ttft_cpu"])["median_s"]
         prefill, decode = flop_bounds(suite, model, inputs, c.rate)
         bound = base_prefill / prefill
         speedup = base_ttft / ttft["median_s"]
@@ -305,7 +306,7 @@ def _rows(suite, model, batch, inputs, cands, samples, peaks, env, dtype) -> lis
             "image_tokens_to_lm": sum(kept_units(inputs, c.rate)[1]),
             "ttft_ms": 1e3 * ttft["median_s"], "ttft_q1_ms": 1e3 * ttft["q1_s"], "ttft_q3_ms": 1e3 * ttft["q3_s"],
             "ttft_speedup": speedup, "ttft_flop_bound": bound, "bound_fraction": speedup / bound,
-            "ttft_cpu_s": _stats(s["ttft_cpu"])["median_s"],
+            "ttft_cpu_s": cpu, "bound_fraction_cpu": base_cpu / cpu / bound,
             "decode_ms_per_step": 1e3 * step["median_s"], "decode_tok_s": batch / step["median_s"],
             "decode_speedup": base_step / step["median_s"], "decode_flop_bound": base_decode / decode,
             "peak_mb": peaks.get(c.name, float("nan")),
@@ -322,16 +323,20 @@ TARGETS = {"ttft_bound_fraction": 0.90}
 
 
 def checks(rows: list[dict]) -> list[dict]:
-    """Per pruneattn row: TTFT >= 90% of its FLOP bound, peak memory no higher than unpatched (timing
-    verdicts; nothing asserts them)."""
+    """Per pruneattn row: TTFT >= 90% of its FLOP bound (on the wall clock, and on the process's CPU time
+    where a CPU run has it: steadier on a shared machine), peak memory no higher than unpatched. Verdicts
+    only; nothing asserts them."""
     unpatched = {r["batch"]: r for r in rows if r["config"] == "unpatched"}
     out = []
     for r in rows:
         if not r["config"].startswith("pruneattn"):
             continue
         un = unpatched[r["batch"]]
-        out.append({"batch": r["batch"], "config": r["config"], "bound_fraction": r["bound_fraction"],
-                    "ttft_bound_ok": r["bound_fraction"] >= TARGETS["ttft_bound_fraction"],
-                    "peak_mb": r["peak_mb"], "unpatched_peak_mb": un["peak_mb"],
-                    "memory_ok": r["peak_mb"] <= un["peak_mb"]})
+        c = {"batch": r["batch"], "config": r["config"], "bound_fraction": r["bound_fraction"],
+             "ttft_bound_ok": r["bound_fraction"] >= TARGETS["ttft_bound_fraction"]}
+        if r["bound_fraction_cpu"] == r["bound_fraction_cpu"]:  # not NaN: a CPU run
+            c.update(bound_fraction_cpu=r["bound_fraction_cpu"],
+                     ttft_bound_cpu_ok=r["bound_fraction_cpu"] >= TARGETS["ttft_bound_fraction"])
+        c.update(peak_mb=r["peak_mb"], unpatched_peak_mb=un["peak_mb"], memory_ok=r["peak_mb"] <= un["peak_mb"])
+        out.append(c)
     return out

@@ -196,6 +196,31 @@ def test_labels_loss_and_a_training_step(kind):
         assert m.model(**call).last_hidden_state.shape[1] == ref.mask.shape[1]
 
 
+@pytest.mark.usefixtures("cpu_backend")
+@pytest.mark.parametrize("kind", ["qwen3-vl-moe", "qwen3.5", "glm4.6v"])
+def test_base_model_patched_alone(kind):
+    """The base model (``Qwen3VLMoeModel``, ...) patched on its own: its hidden states at the real positions
+    are the unpatched language model's on the kept rows."""
+    base = model(kind).model
+    call = batch(kind)
+    holder = _Holder(base)
+    kept = kept_units(holder, call, 0.5)
+    with torch.no_grad():
+        ref = reference_inputs(holder, call, kept)
+        want = base.language_model(**ref.language_model_inputs()).last_hidden_state
+        pruneattn.patch(base, keep_rate=0.5)
+        got = base(**call).last_hidden_state
+    real = ref.mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
+
+
+class _Holder:
+    """A base model where the references look for a generation model's (``.model``, ``.config``)."""
+
+    def __init__(self, base) -> None:
+        self.model, self.config = base, base.config
+
+
 @pytest.mark.parametrize("kind, head_dim", [("qwen3-vl", 64), ("glm4.1v", 80)])
 def test_triton_interpreter_small_config(kind, head_dim, device):
     """The default backend (the Triton kernels; the interpreter on the CPU) in float32 against the float64

@@ -43,9 +43,37 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def _kept_count(rate: float | int, units: int) -> int:
+def kept_count(rate: float | int, units: int) -> int:
     """A keep rate: ceil(rate * units); an int: ``tokens=`` that many units at most."""
     return min(rate, units) if isinstance(rate, int) else max(1, math.ceil(round(rate * units, 9)))
+
+
+def block_attention(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    same_window: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention weights (H, n, n) of ``block`` over one image's tokens ``x`` (n, C), q and k rotated by
+    the rotary tables ``cos`` / ``sin`` (n, d) in float32 (as the towers rotate, whatever their dtype), plain
+    softmax (keys outside ``same_window`` (n, n) excluded), and its values (H, n, d)."""
+    a = block.attn
+    n = x.shape[0]
+    q, k, v = a.qkv(block.norm1(x)).view(n, 3, a.num_heads, -1).permute(1, 2, 0, 3)  # (H, n, d) each
+    c, s = cos.float(), sin.float()
+    q, k = ((t.float() * c + _rotate_half(t.float()) * s).to(t.dtype) for t in (q, k))
+    logits = q @ k.transpose(-1, -2) * a.scaling
+    if same_window is not None:
+        logits = logits.masked_fill(~same_window, float("-inf"))
+    return torch.softmax(logits, dim=-1), v
+
+
+def top_units(attn: torch.Tensor, unit: int, rate: float | int, stat: str = "var") -> list[int]:
+    """The spec's kept units of one image from its attention weights (H, n, n): the attention each token
+    receives averaged over the image's queries, summed over each unit's ``unit`` tokens, the statistic over
+    heads; the ``kept_count`` best, ties to the lower index, ascending."""
+    received = attn.mean(dim=1)  # (H, n)
+    per_unit = received.view(received.shape[0], -1, unit).sum(dim=-1)
+    centred = per_unit - per_unit.mean(dim=0)
+    score = (centred * centred).mean(dim=0) if stat == "var" else per_unit.mean(dim=0)
+    units = per_unit.shape[1]
+    return sorted(sorted(range(units), key=lambda u: (-float(score[u]), u))[: kept_count(rate, units)])
 
 
 def pruned_blocks(
@@ -62,24 +90,14 @@ def pruned_blocks(
     rows = torch.arange(x.shape[0])  # input position of each current token
     kept = {}
     for i, block in enumerate(tower.blocks):
-        a = block.attn
         n = rows.numel()
-        q, k, v = a.qkv(block.norm1(x)).view(n, 3, a.num_heads, -1).permute(1, 2, 0, 3)  # (H, n, d) each
-        c, s = cos[rows].float(), sin[rows].float()  # the towers rotate in float32, whatever their dtype
-        q, k = ((t.float() * c + _rotate_half(t.float()) * s).to(t.dtype) for t in (q, k))
-        logits = q @ k.transpose(-1, -2) * a.scaling
+        same = None
         if window_of is not None and i not in full:
             same = window_of[rows][:, None] == window_of[rows][None, :]
-            logits = logits.masked_fill(~same, float("-inf"))
-        attn = torch.softmax(logits, dim=-1)
-        x = x + a.proj((attn @ v).transpose(0, 1).reshape(n, -1))
+        attn, v = block_attention(block, x, cos[rows], sin[rows], same)
+        x = x + block.attn.proj((attn @ v).transpose(0, 1).reshape(n, -1))
         if i in rates:
-            received = attn.mean(dim=1)  # (H, n): averaged over the image's queries
-            per_unit = received.view(received.shape[0], n // unit, unit).sum(dim=-1)
-            centred = per_unit - per_unit.mean(dim=0)
-            score = (centred * centred).mean(dim=0) if stat == "var" else per_unit.mean(dim=0)
-            units = n // unit
-            best = sorted(sorted(range(units), key=lambda u: (-float(score[u]), u))[: _kept_count(rates[i], units)])
+            best = top_units(attn, unit, rates[i], stat)
             take = torch.tensor([u * unit + j for u in best for j in range(unit)])
             x, rows = x[take], rows[take]
             kept[i] = (rows[::unit] // unit).tolist()

@@ -277,3 +277,65 @@ def test_internvl_suite_plumbing(tmp_path):
     blocks = 2 * (2 * n * 4 * C * C + 4 * n * n * C) + 2 * 2 * C * M * (n + 1 + 4 * k)
     tower = 2 * (2 * 1024 * 588 * C + blocks + k * 2 * (4 * C * C + C * C))
     assert I.tower_flops(model.config.vision_config, C, 2, k) == tower
+
+
+def test_qwen3_suite_plumbing(tmp_path):
+    """``pruneattn bench --vlm-qwen3 --smoke``: every configuration and batch has a row; pruneattn and the
+    eager last block keep the same units; the image tokens the language model reads follow the rate
+    (448 x 448: 196 units; 896 x 672: 588); the targets are left out of a smoke run."""
+    from pruneattn.bench import TIMING_VERDICTS, main
+
+    assert main(["--vlm-qwen3", "--smoke", "--no-progress", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "vlm_qwen3.json").read_text())
+    rows = {(r["batch"], r["config"]): r for r in res["rows"]}
+    configs = ["unpatched", "pruneattn 0.25", "pruneattn 0.125", "eager last block 0.25", "eager last block 0.125"]
+    assert sorted(rows) == sorted((b, c) for b in (1, 2) for c in configs)
+    assert [rows[1, c]["image_tokens_to_lm"] for c in configs] == [196, 49, 25, 49, 25]
+    assert [rows[2, c]["image_tokens_to_lm"] for c in configs] == [784, 196, 99, 196, 99]
+    for b in (1, 2):
+        assert rows[b, "unpatched"]["ttft_flop_bound"] == 1.0
+        for c in configs[1:]:
+            assert rows[b, c]["same_kept_as_eager"] is True
+            assert rows[b, c]["ttft_flop_bound"] > 1.0 and rows[b, c]["ttft_ms"] > 0
+    assert res["settings"]["backend"] == "cpu" and res["settings"]["dtype"] == "float32"
+    assert [c["config"] for c in res["checks"]] == configs[1:3] * 2
+    assert not any(k in TIMING_VERDICTS for c in res["checks"] for k in c)
+    md = (tmp_path / "vlm_qwen3.md").read_text()
+    assert res["smoke"] is True and "Qwen3-VL-2B" in md and "DeepStack after blocks [0, 1]" in md
+
+
+def test_qwen_suites_on_the_gpu_path_without_a_gpu():
+    """What a GPU run does, on the CPU: the Triton kernels (here in the interpreter) score and keep the
+    same units as the eager last block; the rows carry their device and dtype; the settings are the
+    device's (``settings_for``). Images of 8 x 12 patches: the interpreter is slow."""
+    from dataclasses import replace
+
+    from pruneattn.bench import vlm_qwen, vlm_qwen3
+
+    for suite in (vlm_qwen.QWEN25, vlm_qwen3.QWEN3):
+        small = replace(suite, images={1: [(8 * suite.patch, 12 * suite.patch)]})
+        res = vlm_qwen.run_rates(small, "cpu", smoke=True, backend="triton", batches=(1,), progress=False)
+        assert res["settings"]["backend"] == "triton" and res["settings"]["ttft_reps"] == 1
+        for r in res["rows"]:
+            assert {"device", "dtype"} <= set(r) and r["ttft_ms"] > 0
+            assert r["same_kept_as_eager"] in (None, True), r["config"]
+
+
+def test_qwen3_tower_flop_count_matches_torch_flop_counter(monkeypatch):
+    """The tower's count, unpatched and pruned (pruneattn's attention in plain torch ops so that torch's
+    FlopCounterMode sees Q K^T and P V), with DeepStack mergers, on images of two sizes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pruneattn.bench import vlm_qwen, vlm_qwen3
+
+    monkeypatch.setattr(importlib.import_module("pruneattn.patch.prune"), "attention_stats", _eager_stats)
+    model = vlm_qwen3.build(4, 2, smoke=True)
+    model.set_attn_implementation("eager")
+    inputs = vlm_qwen.prompt(vlm_qwen3.QWEN3, model, vlm_qwen3.QWEN3.images[2])
+    grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+    cfg = model.config.vision_config
+    for rate in (None, 0.25):
+        tower = model.model.visual if rate is None else pruneattn.patch(V.shared_copy(model), keep_rate=rate).model.visual
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        assert fc.get_total_flops() == vlm_qwen3.tower_flops(cfg, grids, vlm_qwen.kept_units(inputs, rate)[1]), rate

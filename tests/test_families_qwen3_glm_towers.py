@@ -293,39 +293,6 @@ def test_unpatch_restores_the_tower(kind, cpu_backend):
     assert all(not type(m).__name__.startswith("Pruned") for m in tower.modules())
 
 
-_VISION = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=64)
-_TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16)
-_HYBRID = dict(_TEXT, layer_types=["linear_attention", "full_attention"])
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-
-
-@pytest.mark.parametrize("model_class, config_class, text, vision", [
-    ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig", dict(_TEXT, **_MOE),
-     dict(num_position_embeddings=64, deepstack_visual_indexes=[0])),
-    ("Qwen3_5ForConditionalGeneration", "Qwen3_5Config", _HYBRID, dict(num_position_embeddings=64)),
-    ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
-     dict(_HYBRID, **_MOE, shared_expert_intermediate_size=32), dict(num_position_embeddings=64)),
-    ("Glm4vForConditionalGeneration", "Glm4vConfig", _TEXT, dict(image_size=32, patch_size=4)),
-    ("Glm4vMoeForConditionalGeneration", "Glm4vMoeConfig",
-     dict(_TEXT, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1),
-     dict(image_size=32, patch_size=4)),
-    ("Glm46VForConditionalGeneration", "Glm46VConfig", _TEXT, dict(image_size=32, patch_size=4)),
-])
-def test_whole_models_are_refused_and_their_towers_prune(model_class, config_class, text, vision):
-    torch.manual_seed(0)
-    config = getattr(transformers, config_class)(text_config=text, vision_config={**_VISION, **vision})
-    model = getattr(transformers, model_class)(config)
-    before = [type(m) for m in model.modules()]
-    for part in (model, model.model):
-        with pytest.raises(TypeError, match=rf"does not support {type(part).__name__}: .*M-RoPE positions .* "
-                                            r"patch its vision tower \(`model.visual`"):
-            pruneattn.patch(part)
-    assert [type(m) for m in model.modules()] == before
-    pruneattn.patch(model.model.visual)
-    assert [i for i, b in enumerate(model.model.visual.blocks) if hasattr(b, "_pruneattn")] == [1]  # the last
-
-
 def test_deepstack_features_in_an_unknown_form_raise(cpu_backend):
     tower = _tower("qwen3-vl")
     pixels, grid = _pixels(QWEN_GRIDS)

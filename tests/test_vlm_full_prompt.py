@@ -81,7 +81,7 @@ def test_qwen_prompts_and_patches_that_do_not_fit_are_refused_before_the_tower_r
     assert not ran
 
 
-@pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen2-vl"])
+@pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "glm4.1v"])
 def test_get_image_features_of_a_patched_qwen_splits_the_kept_units(kind):
     model, processor, texts, pictures = case(kind)
     call = inputs(processor, texts, pictures)
@@ -94,6 +94,9 @@ def test_get_image_features_of_a_patched_qwen_splits_the_kept_units(kind):
     units = (call["image_grid_thw"].prod(-1) // 4).tolist()
     assert [f.shape[0] for f in got.pooler_output] == [max(1, -(-u // 2)) for u in units]
     torch.testing.assert_close(torch.cat(got.pooler_output), alone.pooler_output, rtol=0, atol=0)
+    for level, want in zip(got.get("deepstack_features") or [], alone.get("deepstack_features") or [], strict=True):
+        assert [f.shape[0] for f in level] == [f.shape[0] for f in got.pooler_output]  # Qwen3-VL's DeepStack
+        torch.testing.assert_close(torch.cat(level), want, rtol=0, atol=0)
     assert torch.equal(got.kept_units, alone.kept_units)
     with torch.no_grad():  # and they drive the model as its own forward would
         planned_like = model(**{k: v for k, v in call.items() if k != "pixel_values"},

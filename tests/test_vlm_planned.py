@@ -21,13 +21,16 @@ from transformers.generation.streamers import BaseStreamer
 
 import pruneattn
 from model_reference import one_thread  # noqa: F401 (fixture)
-from vlm_processors import KINDS, case, image_token, images, inputs, llava_processor, qwen_processor
+from vlm_processors import KINDS, case, image_token, images, inputs, llava_processor, mrope, qwen_processor
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
 
 AMOUNT = {"llava": {"tokens": 5}, "paligemma": {"tokens": 4, "mode": "fuse"}, "qwen2.5-vl": {"keep_rate": 0.4},
-          "qwen2-vl": {"tokens": 3}, "internvl": {"tokens": 5}, "gemma3": {"keep_rate": 0.4},
-          "mistral3": {"keep_rate": 0.5}, "smolvlm": {"tokens": 3}, "idefics3": {"keep_rate": 0.3}}
+          "qwen2-vl": {"tokens": 3}, "qwen3-vl": {"keep_rate": 0.3}, "qwen3-vl-moe": {"tokens": 5},
+          "qwen3.5": {"keep_rate": 0.4}, "qwen3.5-moe": {"tokens": 3}, "glm4.1v": {"keep_rate": 0.3},
+          "glm4.5v": {"tokens": 4}, "glm4.6v": {"keep_rate": 0.5}, "internvl": {"tokens": 5},
+          "gemma3": {"keep_rate": 0.4}, "mistral3": {"keep_rate": 0.5}, "smolvlm": {"tokens": 3},
+          "idefics3": {"keep_rate": 0.3}}
 UNITS = {"internvl": 4, "gemma3": 16, "mistral3": 4, "smolvlm": 4, "idefics3": 4}  # patches per language-model token
 GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
@@ -199,13 +202,13 @@ def _own_loop(model, call: dict, steps: int, with_mask: bool) -> torch.Tensor:
 def test_own_decoding_loop_equals_generate(kind, planned):
     model, processor, texts, pictures = patched(kind, planned=planned)
     call = inputs(processor, texts, pictures)
-    qwen = kind.startswith("qwen")
-    if qwen:  # transformers' Qwen models refuse a 2-D mask after the first step (unpatched too): batch 1, no mask
+    positions_3d = mrope(kind)
+    if positions_3d:  # transformers' M-RoPE models refuse a 2-D mask after the first step (unpatched too): batch 1, no mask
         call = inputs(processor, texts[:1], pictures[:1])
         del call["attention_mask"]
     with torch.no_grad():
         want = model.generate(**call, **GREEDY)[:, call["input_ids"].shape[1]:]
-    assert torch.equal(_own_loop(model, call, 4, with_mask=not qwen), want)
+    assert torch.equal(_own_loop(model, call, 4, with_mask=not positions_3d), want)
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])

@@ -1,13 +1,15 @@
 """Hugging Face processors built offline for the tiny vision-language models of the tests: a ``tokenizers``
 WordLevel tokenizer whose ids are the test models' (words ``w3`` .. ``w98`` are ids 3 .. 98), with the image
-tokens of LLaVA / PaliGemma (``<image>``, 99) and Qwen (``<|image_pad|>``, 90, between ``<|vision_start|>``
-91 and ``<|vision_end|>`` 92), and the image processors of those models at the test towers' sizes."""
+tokens of LLaVA / PaliGemma (``<image>``, 99), Qwen (``<|image_pad|>``, 90, between ``<|vision_start|>``
+91 and ``<|vision_end|>`` 92) and GLM (``<|image|>``, 100, between ``<|begin_of_image|>`` 101 and
+``<|end_of_image|>`` 102), and the image processors of those models at the test towers' sizes."""
 from __future__ import annotations
 
 import numpy as np
 
 SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|image_pad|>": 90, "<|vision_start|>": 91, "<|vision_end|>": 92,
-           "<|video_pad|>": 93, "<image>": 99}
+           "<|video_pad|>": 93, "<image>": 99, "<|image|>": 100, "<|begin_of_image|>": 101, "<|end_of_image|>": 102,
+           "<|video|>": 103, "<|begin_of_video|>": 104, "<|end_of_video|>": 105}
 # The image tokens of InternVL, Gemma 3, Mistral 3 and Idefics3 / SmolVLM (ids 72 .. 89): added tokens, special
 # only where a processor reads them by name (so that LLaVA's decoded text keeps them as any word).
 ADDED = {"<IMG_CONTEXT>": 80, "<img>": 81, "</img>": 82, "<start_of_image>": 83, "<end_of_image>": 84,
@@ -15,6 +17,7 @@ ADDED = {"<IMG_CONTEXT>": 80, "<img>": 81, "</img>": 82, "<start_of_image>": 83,
          "<global-img>": 79, "<end_of_utterance>": 72, "<video>": 74, "<row_1_col_1>": 75, "<row_1_col_2>": 76,
          "<row_2_col_1>": 77, "<row_2_col_2>": 78}
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
 
 
 def tokenizer(**named: str):
@@ -56,14 +59,28 @@ def paligemma_processor():
 
 
 def qwen_processor(kind: str = "qwen2.5-vl"):
-    """For the test Qwen2-VL / Qwen2.5-VL: 4 px patches, 2 x 2 merged units, images of any size."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    """For the test Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5: 4 px patches, 2 x 2 merged units, images of
+    any size."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
     images = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8,
                                    max_pixels=64 * 64)
-    videos = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
-    cls = Qwen2_5_VLProcessor if kind == "qwen2.5-vl" else Qwen2VLProcessor
-    return cls(image_processor=images, tokenizer=tokenizer(), video_processor=videos)
+    name = {"qwen2.5-vl": "Qwen2_5_VL", "qwen2-vl": "Qwen2VL"}.get(kind, "Qwen3VL")  # Qwen3.5 takes Qwen3-VL's
+    videos = getattr(transformers, f"{'Qwen2VL' if name == 'Qwen2_5_VL' else name}VideoProcessor")(
+        patch_size=4, merge_size=2, temporal_patch_size=2)
+    return getattr(transformers, f"{name}Processor")(image_processor=images, tokenizer=tokenizer(), video_processor=videos)
+
+
+def glm_processor(kind: str = "glm4.1v"):
+    """For the test GLM-4.1V / 4.5V / 4.6V: 4 px patches, 2 x 2 merged units, images of any size."""
+    import transformers
+
+    name = "Glm46V" if kind == "glm4.6v" else "Glm4v"
+    size = {"shortest_edge": 8 * 8, "longest_edge": 64 * 64}
+    images = getattr(transformers, f"{name}ImageProcessor")(patch_size=4, merge_size=2, temporal_patch_size=2, size=size)
+    videos = getattr(transformers, f"{name}VideoProcessor")(patch_size=4, merge_size=2, temporal_patch_size=2)
+    return getattr(transformers, f"{name}Processor")(image_processor=images, tokenizer=tokenizer(), video_processor=videos)
 
 
 def internvl_processor():
@@ -118,17 +135,25 @@ def images(*sizes: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
     return [g.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
-KINDS = ("llava", "paligemma", "qwen2.5-vl", "qwen2-vl", "internvl", "gemma3", "mistral3", "smolvlm", "idefics3")
+KINDS_MROPE = ("qwen2.5-vl", "qwen2-vl")
+NEW_MROPE = ("qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v", "glm4.6v")
+KINDS = ("llava", "paligemma", *KINDS_MROPE, *NEW_MROPE, "internvl", "gemma3", "mistral3", "smolvlm", "idefics3")
 _UNIT_TEXTS = {"internvl": "<IMG_CONTEXT>", "gemma3": "<start_of_image>", "mistral3": "[IMG]", "smolvlm": "<image>",
                "idefics3": "<image>"}
 
 
+def mrope(kind: str) -> bool:
+    """Whether the family gives its tokens (t, h, w) position ids."""
+    return kind in KINDS_MROPE or kind in NEW_MROPE
+
+
 def case(kind: str, seed: int = 0):
     """(model, processor, texts, images) of one tiny family: two prompts of different lengths holding one
-    and two images (LLaVA, Qwen, and the families whose connector joins windows) or one each (PaliGemma),
+    and two images (LLaVA, Qwen, GLM, and the families whose connector joins windows) or one each (PaliGemma),
     images of different sizes (InternVL: 3, 1 and 3 tiles; SmolVLM / Idefics3: 5, 1 and 3)."""
     import test_vlm
     import test_vlm_qwen
+    import test_vlm_qwen3_glm
     import vlm_unit_models
 
     if kind in _UNIT_TEXTS:
@@ -145,8 +170,14 @@ def case(kind: str, seed: int = 0):
                 images((40, 48), (32, 32), (50, 30)))
     if kind == "paligemma":
         return test_vlm.paligemma(seed=seed), paligemma_processor(), ["<image> w5 w6 w8", "<image> w7"], images((32, 32), (40, 30))
-    texts = ["w5 " + QWEN_IMAGE + " w6", "w7 " + QWEN_IMAGE + " w8 " + QWEN_IMAGE]
-    return test_vlm_qwen._model(kind, seed=seed), qwen_processor(kind), texts, images((32, 48), (16, 16), (24, 16))
+    image = GLM_IMAGE if kind.startswith("glm") else QWEN_IMAGE
+    texts = ["w5 " + image + " w6", "w7 " + image + " w8 " + image]
+    if kind in NEW_MROPE:
+        model = test_vlm_qwen3_glm.model(kind, seed=seed)
+        processor = glm_processor(kind) if kind.startswith("glm") else qwen_processor(kind)
+    else:
+        model, processor = test_vlm_qwen._model(kind, seed=seed), qwen_processor(kind)
+    return model, processor, texts, images((32, 48), (16, 16), (24, 16))
 
 
 def inputs(processor, texts, pictures) -> dict:
@@ -161,4 +192,6 @@ def inputs(processor, texts, pictures) -> dict:
 def image_token(kind: str) -> int:
     import vlm_unit_models
 
-    return vlm_unit_models.IMAGE_TOKEN.get(kind, 99 if kind in ("llava", "paligemma") else 90)
+    if kind in vlm_unit_models.IMAGE_TOKEN:
+        return vlm_unit_models.IMAGE_TOKEN[kind]
+    return 99 if not mrope(kind) else 100 if kind.startswith("glm") else 90

@@ -12,6 +12,8 @@
     pruneattn bench --vlm-qwen           a Qwen2.5-VL-shaped model (images of 448 x 448 and 672 x 448):
                                          the same metrics at 25% and 12.5% of the merged tokens, vs an
                                          eager last block (a CPU: about 30 min)
+    pruneattn bench --vlm-qwen3          the same for a Qwen3-VL-2B-shaped model (DeepStack; images of
+                                         448 x 448 and 896 x 672)
     pruneattn bench --vlm-internvl       an InternVL3-1B-shaped model (one image of two 448 px tiles,
                                          batch 1 and 4): the same metrics at 25% and 12.5% of each
                                          tile's units (a CPU: about 25 min)
@@ -34,13 +36,14 @@ from pruneattn.cli import HelpFormatter
 
 __all__ = ["main"]
 
-_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm", "vlm-qwen", "vlm-internvl")
+_SUITES = ("cpu-ops", "cpu-models", "cpu-families", "ops", "models", "vlm", "vlm-qwen", "vlm-qwen3", "vlm-internvl")
 SMOKE_NOTE = ("SMOKE RUN: tiny shapes, one repeat, no warm-up; the timings only show that the suite runs "
               "and mean nothing; no speed target is judged")
 # Verdicts that rest on timings: a smoke run leaves them out (structural checks such as the size of the
 # largest temporary stay).
 TIMING_VERDICTS = frozenset({"cls_ok", "mean_ok", "bound_ok", "over_evit_ok", "batch1_ok", "deit_s_b16_ok", "memory_ok",
-                             "ttft_bound_ok", "over_eager_ok", "below_eager_peak_ok", "below_unpatched_peak_ok"})
+                             "ttft_bound_ok", "over_eager_ok", "below_eager_peak_ok", "below_unpatched_peak_ok",
+                             "ttft_bound_cpu_ok"})
 
 
 # The columns of each suite's printed table (every one explained in pruneattn/bench/legend.py).
@@ -58,8 +61,9 @@ VLM_SUMMARY_COLUMNS = ["target", "met", "missed", "met_on_cpu_time", "missed_on_
 VLM_MODEL_COLUMNS = ["model", "tower_M", "projector_M", "language_model_M", "total_M", "placeholders", "text_tokens",
                      "q_scale"]
 VLM_QWEN_COLUMNS = ["batch", "images", "config", "image_tokens_to_lm", "ttft_ms", "ttft_q1_ms", "ttft_q3_ms",
-                    "ttft_speedup", "ttft_flop_bound", "bound_fraction", "ttft_cpu_s", "decode_ms_per_step",
-                    "decode_tok_s", "decode_speedup", "decode_flop_bound", "peak_mb", "same_kept_as_eager"]
+                    "ttft_speedup", "ttft_flop_bound", "bound_fraction", "ttft_cpu_s", "bound_fraction_cpu",
+                    "decode_ms_per_step", "decode_tok_s", "decode_speedup", "decode_flop_bound", "peak_mb",
+                    "same_kept_as_eager"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -221,51 +225,51 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, "models", res, md, models_gpu.plot)
     if "vlm" in chosen:
         _run_vlm(args, device, progress)
-    for suite in _RATE_SUITES:
-        if suite in chosen:
-            _run_rates(suite, args, progress)
+    for flag in _RATE_SUITES:
+        if flag in chosen:
+            _run_rates(args, device, progress, flag)
     return 0
 
 
-_RATE_SUITES = {
-    "vlm-qwen": ("vlm_qwen", "run_vlm_qwen", "Qwen2.5-VL-shaped model: unpatched vs pruneattn vs an eager last block",
-                 "Qwen2.5-VL's tower block shape (width 1280, 16 heads of 80, 112 px windows) with {tower_blocks} "
-                 "blocks instead of 32 (full attention in {tower_full_attention}), a {language_model_layers}-layer "
-                 "Qwen2.5-0.5B-shaped language model"),
-    "vlm-internvl": ("vlm_internvl", "run_vlm_internvl",
-                     "InternVL3-1B-shaped model: unpatched vs pruneattn vs an eager last block",
-                     "InternVL3-1B's tower block shape (InternViT-300M: width 1024, 16 heads of 64, 448 px tiles) "
-                     "with {tower_blocks} blocks instead of 24, {tiles_per_image} tiles per image (a crop and the "
-                     "thumbnail), its 2 x 2 pixel shuffle and projector, a {language_model_layers}-layer "
-                     "Qwen2.5-0.5B-shaped language model"),
-}
+# The keep-rate suites: flag -> (module, suite) in pruneattn/bench/.
+_RATE_SUITES = {"vlm-qwen": ("vlm_qwen", "QWEN25"), "vlm-qwen3": ("vlm_qwen3", "QWEN3"),
+                "vlm-internvl": ("vlm_internvl", "INTERNVL")}
 
 
-def _run_rates(suite: str, args: argparse.Namespace, progress: bool) -> None:
-    """One of the keep-rate suites (``--vlm-qwen``, ``--vlm-internvl``)."""
+def _run_rates(args: argparse.Namespace, device, progress: bool, flag: str) -> None:
+    """One of the keep-rate suites (``--vlm-qwen``, ``--vlm-qwen3``, ``--vlm-internvl``)."""
     import importlib
 
-    stem, runner, title, model_text = _RATE_SUITES[suite]
-    module = importlib.import_module(f"pruneattn.bench.{stem}")
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
+    from pruneattn.bench import vlm_qwen
+
+    module, name = _RATE_SUITES[flag]
+    suite = getattr(importlib.import_module(f"pruneattn.bench.{module}"), name)
+    if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not args.smoke:
         print("note: OMP_WAIT_POLICY is not PASSIVE; on a shared CPU set it before starting (see benchmarks/NOTES.md)")
-    res = getattr(module, runner)(reps=args.reps or 3, threads=args.threads, memory=not args.no_memory,
-                                  progress=progress, smoke=args.smoke)
+    res = vlm_qwen.run_rates(suite, device, reps=args.reps, threads=args.threads, memory=not args.no_memory,
+                                progress=progress, smoke=args.smoke)
+    res["checks"] = vlm_qwen.checks(res["rows"])
     if args.smoke:
         _mark_smoke(res)
     st = res["settings"]
-    extra = (f"\nModel: {model_text.format(**st)}; {st['dtype']}, "
-             f"{st['threads']} threads. TTFT: median (q1, q3) of {st['ttft_reps']} interleaved `generate` calls, "
-             "the tower included. Decode: the steps of one call that generates "
-             f"{st['new_tokens']} tokens. Peak memory (`peak_mb`): peak bytes held by torch's CPU allocator above "
-             f"the weights, during a {st['memory_run']}. Bounds: matmul FLOPs of the prefill (tower + language "
-             f"model) and of a decode step, unpatched over the configuration (`pruneattn/bench/{stem}.py`). "
-             "`eager last block`: the same pruning with the scoring attention built from the N x N weights; "
-             "`same_kept_as_eager`: both keep the same units.\n")
-    md, txt = _section(title, res["environment"], res["rows"], VLM_QWEN_COLUMNS,
-                       extra, res["load_average_end"], smoke=args.smoke)
+    peak = ("`torch.cuda.max_memory_allocated`" if device.type == "cuda" else "peak bytes held by torch's CPU "
+            "allocator")
+    threads = f", {st['threads']} threads" if st["threads"] else ""
+    model = "Model (smoke run: widths of 64 in place of the widths named here)" if args.smoke else "Model"
+    extra = (f"\n{model}: {suite.describe(st)}; {st['dtype']}{threads}, pruneattn's {st['backend']} backend. TTFT: "
+             f"median (q1, q3) of {st['ttft_reps']} interleaved `generate` calls, the tower included. Decode: the "
+             f"steps of {st['decode_reps']} call(s) that generate {st['new_tokens']} tokens. Peak memory (`peak_mb`): "
+             f"{peak} above the weights, during a {st['memory_run']}. Bounds: matmul FLOPs of the prefill (tower + "
+             "language model) and of a decode step, unpatched over the configuration "
+             f"(`{suite.build.__module__.replace('.', '/')}.py`). `eager last block`: the same "
+             "pruning with the scoring attention built from the N x N weights; `same_kept_as_eager`: both keep the "
+             "same units. `ttft_cpu_s` / `bound_fraction_cpu` (CPU runs): the same TTFT in CPU seconds of the process "
+             "(both threads), which a thread descheduled by another process's work does not stretch.\n")
+    extra += _checks_md(res["checks"], args.smoke)
+    md, txt = _section(suite.title, res["environment"], res["rows"], VLM_QWEN_COLUMNS, extra,
+                       res["load_average_end"], smoke=args.smoke)
     print(txt)
-    _write(args.out, stem, res, md, None)
+    _write(args.out, suite.stem, res, md, None)
 
 
 def _run_vlm(args: argparse.Namespace, device, progress: bool) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pruneattn.bench.vlm_qwen import RateSuite, lm_flops, run_suite
+from pruneattn.bench.vlm_qwen import RateSuite, lm_flops
 from pruneattn.patch.options import Amount
 from pruneattn.patch.vlm.tokens import ImageTokens
 
@@ -28,14 +28,15 @@ TEXT = dict(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidd
 IMAGE, START, END = 151667, 151665, 151666
 TILES = 2  # a 448 px crop and the thumbnail per image
 UNITS = 256  # per tile: (448 / 14 / 2) ** 2
-IMAGES = {1: [(448, 896)], 4: [(448, 896)] * 4}  # one image per prompt, two tiles each
+IMAGES = {1: [(448, 896)], 4: [(448, 896)] * 4}  # one image per prompt, two tiles each (batch 1 and 4)
 TEXT_TOKENS = 16  # before and after the image
 SMOKE_VISION = dict(VISION, hidden_size=64, intermediate_size=128, num_attention_heads=4)
 SMOKE_TEXT = dict(TEXT, vocab_size=151700, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
 
 
-def build(depth: int = TOWER_DEPTH, text_layers: int | None = None, smoke: bool = False) -> torch.nn.Module:
+def build(depth: int = TOWER_DEPTH, text_layers: int | None = None, dtype: torch.dtype = torch.float32,
+          smoke: bool = False) -> torch.nn.Module:
     """The InternVL3-1B-shaped model, random weights, the tower's q scaled so that its scores differ
     (``smoke``: widths of 64, for the suite's plumbing test)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
@@ -45,7 +46,7 @@ def build(depth: int = TOWER_DEPTH, text_layers: int | None = None, smoke: bool 
     vision = InternVLVisionConfig(**(SMOKE_VISION if smoke else VISION), num_hidden_layers=depth)
     cfg = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**text), image_token_id=IMAGE,
                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = InternVLForConditionalGeneration(cfg).eval()
+    model = InternVLForConditionalGeneration(cfg).eval().to(dtype)
     with torch.no_grad():
         for layer in model.model.vision_tower.encoder.layer:
             layer.attention.q_proj.weight.mul_(4.0)
@@ -53,7 +54,8 @@ def build(depth: int = TOWER_DEPTH, text_layers: int | None = None, smoke: bool 
     return model
 
 
-def prompt(images: list[tuple[int, int]]) -> dict:
+def prompt(suite: RateSuite, model, images: list[tuple[int, int]], dtype: torch.dtype = torch.float32,
+           device: torch.device | str = "cpu") -> dict:
     """What the processor returns for one image of two tiles per prompt: ids with ``<img>``, 256
     placeholders per tile and ``</img>``, the attention mask and the tiles' pixels."""
     g = torch.Generator().manual_seed(1)
@@ -62,8 +64,9 @@ def prompt(images: list[tuple[int, int]]) -> dict:
         text = torch.randint(1000, 100000, (2 * TEXT_TOKENS,), generator=g).tolist()
         rows.append(text[:TEXT_TOKENS] + [START] + [IMAGE] * (TILES * UNITS) + [END] + text[TEXT_TOKENS:])
     ids = torch.tensor(rows)
-    pixels = torch.randn(len(images) * TILES, 3, 448, 448, generator=g)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    pixels = torch.randn(len(images) * TILES, 3, 448, 448, generator=g).to(dtype)
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def kept_per_tile(rate: float | None) -> int:
@@ -83,7 +86,7 @@ def tower_flops(vc, width: int, tiles: int, kept: int) -> float:
     return tiles * (embed + blocks + kept * 2 * (4 * C * width + width * width))
 
 
-def flop_bounds(model: torch.nn.Module, inputs: dict, rate: float | None) -> tuple[float, float]:
+def flop_bounds(suite: RateSuite, model: torch.nn.Module, inputs: dict, rate: float | None) -> tuple[float, float]:
     """(prefill, decode step) FLOPs of the batch, unpruned (``rate`` None) or at ``rate``."""
     kept = kept_per_tile(rate)
     prompts = inputs["input_ids"].shape[0]
@@ -94,19 +97,15 @@ def flop_bounds(model: torch.nn.Module, inputs: dict, rate: float | None) -> tup
     return prefill, prompts * lm_flops(text, 1, tokens, 1)
 
 
-INTERNVL = RateSuite(IMAGES, prompt, flop_bounds,
-                     lambda inputs, rate: inputs["input_ids"].shape[0] * TILES * kept_per_tile(rate))
+def _describe(st: dict) -> str:
+    return (f"InternVL3-1B's tower block shape (InternViT-300M: width 1024, 16 heads of 64, 448 px tiles) with "
+            f"{st['tower_blocks']} blocks instead of 24, {TILES} tiles per image (a crop and the thumbnail), its 2 x 2 "
+            f"pixel shuffle and projector, a {st['language_model_layers']}-layer Qwen2.5-0.5B-shaped language model")
 
 
-def run_vlm_internvl(*, reps: int = 3, new_tokens: int = 16, threads: int = 2, depth: int = TOWER_DEPTH,
-                     text_layers: int | None = None, batches=(1, 4), memory: bool = True, progress: bool = True,
-                     smoke: bool = False) -> dict:
-    """The suite (see :func:`pruneattn.bench.vlm_qwen.run_suite`; ``smoke``: widths of 64, two tower blocks,
-    one repeat, 2 new tokens, batch 1)."""
-    if smoke:
-        reps, new_tokens, depth, text_layers, memory, batches = 1, 2, 2, 2, False, (1,)
-    about = {"tower_blocks": depth, "tiles_per_image": TILES,
-             "language_model_layers": text_layers or TEXT["num_hidden_layers"]}
-    return run_suite("vlm-internvl", INTERNVL, build(depth, text_layers, smoke=smoke), about, reps=reps,
-                     new_tokens=new_tokens, threads=threads, batches=batches, memory=memory, progress=progress,
-                     smoke=smoke)
+INTERNVL = RateSuite(
+    "vlm_internvl", "InternVL3-1B-shaped model: unpatched vs pruneattn vs an eager last block", build, None, _describe,
+    images=IMAGES, patch=14, tower_depth=TOWER_DEPTH, prompt=prompt, flop_bounds=flop_bounds,
+    image_tokens=lambda inputs, rate: inputs["input_ids"].shape[0] * TILES * kept_per_tile(rate),
+    smoke_depth=2, smoke_batches=(1,),
+)

@@ -358,6 +358,10 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+_MERGED_VLM = ("images of any size, several per prompt: whole 2 x 2 merged units pruned per image in the tower's last "
+               "block, k = ceil(rate * units) per image; kept tokens keep their M-RoPE (t, h, w) ids; images only, no "
+               "videos")
+
 
 @dataclass(frozen=True)
 class VisionLanguage:
@@ -406,9 +410,7 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
     VisionLanguage(
         "Hugging Face Qwen2.5-VL", "transformers", ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
         "Qwen2_5_VLModel", ("Hugging Face Qwen2.5-VL vision",),
-        "Qwen/Qwen2.5-VL-* (images of any size, several per prompt: whole 2 x 2 merged units pruned per image in "
-        "the tower's last block, k = ceil(rate * units) per image; kept tokens keep their M-RoPE (t, h, w) ids; "
-        "images only, no videos)",
+        f"Qwen/Qwen2.5-VL-* ({_MERGED_VLM})",
         tower="visual", grid="image_grid_thw", positions="mrope",
     ),
     VisionLanguage(
@@ -454,17 +456,54 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         f"HuggingFaceM4/Idefics3-8B-Llama3 (as SmolVLM: whole pixel-shuffle groups per tile, k per tile; {_TILES})",
         tower="vision_model", connector="pixel_shuffle", stacked=True,
     ),
+    VisionLanguage(
+        "Hugging Face Qwen3-VL", "transformers", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"), "Qwen3VLModel",
+        ("Hugging Face Qwen3-VL vision",),
+        f"Qwen/Qwen3-VL-* ({_MERGED_VLM}; the DeepStack features that its first language-model layers add at the "
+        "image positions are taken at the same kept units)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
+    VisionLanguage(
+        "Hugging Face Qwen3-VL-MoE", "transformers", ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+        "Qwen3VLMoeModel", ("Hugging Face Qwen3-VL vision",),
+        "Qwen/Qwen3-VL-*-A*B (as Qwen3-VL, DeepStack included; mixture-of-experts language model)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
+    VisionLanguage(
+        "Hugging Face Qwen3.5", "transformers", ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model"), "Qwen3_5Model",
+        ("Hugging Face Qwen3.5 vision",),
+        f"Qwen/Qwen3.5-* ({_MERGED_VLM}; hybrid Gated-DeltaNet / attention language model, its cache holds the "
+        "kept tokens)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
+    VisionLanguage(
+        "Hugging Face Qwen3.5-MoE", "transformers", ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
+        "Qwen3_5MoeModel", ("Hugging Face Qwen3.5 vision",),
+        "Qwen/Qwen3.5-*-A*B (as Qwen3.5; mixture-of-experts language model)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
+    VisionLanguage(
+        "Hugging Face GLM-4.1V", "transformers", ("Glm4vForConditionalGeneration", "Glm4vModel"), "Glm4vModel",
+        ("Hugging Face GLM-4.1V / 4.5V / 4.6V vision",),
+        f"zai-org/GLM-4.1V-* ({_MERGED_VLM}; the image begin / end tokens stay)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
+    VisionLanguage(
+        "Hugging Face GLM-4.5V", "transformers", ("Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"), "Glm4vMoeModel",
+        ("Hugging Face GLM-4.1V / 4.5V / 4.6V vision",),
+        "zai-org/GLM-4.5V (as GLM-4.1V; mixture-of-experts language model)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
+    VisionLanguage(
+        "Hugging Face GLM-4.6V", "transformers", ("Glm46VForConditionalGeneration", "Glm46VModel"), "Glm46VModel",
+        ("Hugging Face GLM-4.1V / 4.5V / 4.6V vision",),
+        "zai-org/GLM-4.6V-* (as GLM-4.1V)",
+        tower="visual", grid="image_grid_thw", positions="mrope",
+    ),
 )
 
 
 _REL_POS = "its attention adds a relative position bias per token pair, which the fused kernels do not take"
-_TOWER_ALONE = ("patch its vision tower (`model.visual` of the base model, `model.model.visual` of the generation "
-                "model) for pruned features, or a Qwen2.5-VL or Qwen2-VL model, which prune end to end")
-_DEEPSTACK = ("its language model adds the vision tower's DeepStack features at the image positions of its first "
-              "layers, and its prompt and M-RoPE positions would have to be shortened to the kept units, which "
-              f"pruneattn does not do for it; {_TOWER_ALONE}")
-_MERGED_LM = ("its prompt and M-RoPE positions would have to be shortened to the kept units, which pruneattn does not "
-              f"do for it; {_TOWER_ALONE}")
 _ANYRES = ("after its vision tower, the tiles of an image are stitched into one grid and cropped to the image "
            "(unpadding), with a newline token after each row of that grid: how many kept tokens survive the crop "
            "would depend on which patches were kept, so the prompt could not be written from the image's size; "
@@ -495,20 +534,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("transformers", "LlavaOnevisionModel"): _ANYRES,
     ("transformers", "Gemma4ForConditionalGeneration"): _GEMMA4,
     ("transformers", "Gemma4Model"): _GEMMA4,
-    ("transformers", "Qwen3VLForConditionalGeneration"): _DEEPSTACK,
-    ("transformers", "Qwen3VLModel"): _DEEPSTACK,
-    ("transformers", "Qwen3VLMoeForConditionalGeneration"): _DEEPSTACK,
-    ("transformers", "Qwen3VLMoeModel"): _DEEPSTACK,
-    ("transformers", "Qwen3_5ForConditionalGeneration"): _MERGED_LM,
-    ("transformers", "Qwen3_5Model"): _MERGED_LM,
-    ("transformers", "Qwen3_5MoeForConditionalGeneration"): _MERGED_LM,
-    ("transformers", "Qwen3_5MoeModel"): _MERGED_LM,
-    ("transformers", "Glm4vForConditionalGeneration"): _MERGED_LM,
-    ("transformers", "Glm4vModel"): _MERGED_LM,
-    ("transformers", "Glm4vMoeForConditionalGeneration"): _MERGED_LM,
-    ("transformers", "Glm4vMoeModel"): _MERGED_LM,
-    ("transformers", "Glm46VForConditionalGeneration"): _MERGED_LM,
-    ("transformers", "Glm46VModel"): _MERGED_LM,
     ("transformers", "Blip2ForConditionalGeneration"): "its language model reads a fixed number of Q-Former "
     "query tokens, not the image patches, so pruning patches would not shorten what it reads",
     ("transformers", "MllamaForConditionalGeneration"): "its language model reads the image through "

@@ -1,11 +1,12 @@
 """Vision-language models: prune the image tokens their language model reads.
 
 Pruning sits in the vision tower's *feature layer*, the block whose output the model reads (LLaVA,
-InternVL: ``hidden_states[vision_feature_layer]``; PaliGemma, Qwen2-VL, Qwen2.5-VL, Gemma 3, Mistral 3,
-Idefics3 / SmolVLM: the last block): after that block's attention the tower keeps k units per image or
-tile (patches, or the windows of patches that the model's connector joins into one token: Qwen's 2 x 2
-merged units, :mod:`pruneattn.patch.units` for the others), scored by pruneattn's fused attention, in
-raster order. The tower is patched as any encoder of its family; nothing runs eager attention.
+InternVL: ``hidden_states[vision_feature_layer]``; PaliGemma, Gemma 3, Mistral 3, Idefics3 / SmolVLM and
+the M-RoPE families (Qwen2-VL to Qwen3.5, GLM-4.xV): the last block): after that block's attention the
+tower keeps k units per image or tile (patches, or the windows of patches that the model's connector
+joins into one token: the M-RoPE families' 2 x 2 merged units, :mod:`pruneattn.patch.units` for the
+others), scored by pruneattn's fused attention, in raster order. The tower is patched as any encoder of
+its family; nothing runs eager attention.
 
 Every family goes one path:
 

@@ -1,5 +1,6 @@
 """One call of a patched vision-language model, read before the model runs: the one path every family
-(1-D positions: LLaVA, PaliGemma; M-RoPE: Qwen2-VL, Qwen2.5-VL) goes through.
+(1-D positions: LLaVA, PaliGemma; M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.xV) goes
+through.
 
 A call holds its images (``pixel_values``, or features computed beforehand in ``mm_encoder_outputs``)
 and a prompt with placeholders for them. The number of placeholders says which prompt it is:
@@ -173,6 +174,15 @@ def _images(plan: VisionLanguagePlan, call: dict, pixels: torch.Tensor) -> int:
     return pixels.shape[0]  # its shape checked with the call's settings
 
 
+def videos_refused(plan: VisionLanguagePlan) -> ValueError:
+    """The error for videos: the prompt handling reads image placeholders only (a video's frames are another
+    kind of placeholder, written frame by frame), so a patched model takes images only."""
+    return ValueError(
+        f"pruneattn: a patched {plan.entry.label} prunes image tokens; videos (pixel_values_videos) are not "
+        "supported. Unpatch the model (pruneattn.unpatch) for video prompts"
+    )
+
+
 def _check_settings(plan: VisionLanguagePlan, call: dict) -> None:
     """Refuse per-call settings and inputs the patch was not made for, before any work."""
     layer = call.get("vision_feature_layer")
@@ -193,10 +203,7 @@ def _check_settings(plan: VisionLanguagePlan, call: dict) -> None:
     if plan.entry.grid is None and plan.entry.sizes != "image_sizes" and sizes is not None:
         raise ValueError("pruneattn: image_sizes (images of several sizes in one tensor) is not supported for this model")
     if call.get("pixel_values_videos") is not None:
-        raise ValueError(
-            f"pruneattn: a patched {plan.entry.label} prunes image tokens; videos (pixel_values_videos) are not "
-            "supported. Unpatch the model (pruneattn.unpatch) for video prompts"
-        )
+        raise videos_refused(plan)
     pixels = call.get("pixel_values")
     dims = 5 if plan.entry.stacked else 4
     if pixels is not None and plan.entry.grid is None and (pixels.dim() != dims or pixels.shape[-3] != plan.channels):

@@ -1,12 +1,15 @@
-"""``get_image_features`` of a patched model whose tower keeps merged units (Qwen2-VL, Qwen2.5-VL): the
-tower's output holds each image's kept units only, so it is split per image by each image's kept
-count (the model's own method splits by each image's full count). Everything else is the model's.
+"""``get_image_features`` of a patched model whose tower keeps merged units (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3.5, GLM-4.xV): the tower's output holds each image's kept units only, so it is split per image by
+each image's kept count (the model's own method splits by each image's full count); so are its DeepStack
+features (Qwen3-VL). ``get_video_features`` is refused: the patched tower would prune the frames, which
+the model's video prompts do not expect. Everything else is the model's.
 """
 from __future__ import annotations
 
 import torch
 
 from pruneattn.patch.swap import Swapped
+from pruneattn.patch.vlm.call import videos_refused
 
 try:  # transformers: how the model's own method takes modality-prefixed arguments
     from transformers.utils.generic import accepts_precomputed_kwargs
@@ -43,3 +46,6 @@ class SplitsKeptUnits(Swapped):
         output = tower(pixel_values.type(tower.dtype), grid_thw=image_grid_thw, return_dict=True, **kwargs)
         output = split_per_image(output, image_grid_thw, plan.unit)
         return output if return_dict else output.to_tuple()
+
+    def get_video_features(self, *args, **kwargs):
+        raise videos_refused(self._pruneattn_vlm)

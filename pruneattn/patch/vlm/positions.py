@@ -1,6 +1,6 @@
-"""M-RoPE positions (Qwen2-VL, Qwen2.5-VL) of a pruned prompt: each kept token keeps the (t, h, w) id it
-has in the full prompt, text after an image keeps its unpruned ids, and decoding continues from each
-row's largest id + 1.
+"""M-RoPE positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.xV) of a pruned prompt: each kept token
+keeps the (t, h, w) id it has in the full prompt, text after an image keeps its unpruned ids, and
+decoding continues from each row's largest id + 1. (Interleaved M-RoPE, Qwen3-VL's, takes the same ids.)
 
 The ids come from the model's own ``get_rope_index`` on the full-length prompt (the caller's, or a
 planned prompt laid out again at full length by :func:`pruneattn.patch.vlm.layout.expand`), then are

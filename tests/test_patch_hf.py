@@ -18,12 +18,12 @@ from transformers.models.vit.modeling_vit import ViTLayer
 
 import pruneattn
 from model_reference import hf_forward, kernel_device, one_thread, token_counts  # noqa: F401 (fixtures)
-from pruneattn.patch.blocks import PrunedSequential
-from pruneattn.patch.swap import derived_class
+from pruneattn.patch.hf import PrunedLayer
+from pruneattn.patch.swap import derived_class, original_class
 from pruneattn.validate import MODES, QUERIES
 
-PrunedViTLayer = derived_class(PrunedSequential, ViTLayer)
-PrunedDeiTLayer = derived_class(PrunedSequential, DeiTLayer)
+PrunedViTLayer = derived_class(PrunedLayer, ViTLayer)
+PrunedDeiTLayer = derived_class(PrunedLayer, DeiTLayer)
 
 FP64_TOL = 1e-6  # float32 scores / fuse weights by the spec (see test_patch_timm)
 SMALL = dict(
@@ -126,7 +126,8 @@ def test_unpatch_and_state_dict(cpu_backend):
         assert list(model.state_dict()) == keys
         assert not torch.allclose(model(x).logits, ref)
         pruneattn.patch(model, keep_rate=0.7, layers=(1,))  # re-configure, no double wrap
-        assert [type(layer) for layer in model.vit.layers] == [ViTLayer, PrunedViTLayer] + [ViTLayer] * 4
+        assert [original_class(layer) for layer in model.vit.layers] == [ViTLayer] * 6
+        assert [type(layer).__name__ for layer in model.vit.layers] == ["ViTLayer", "PrunedViTLayer"] + ["ViTLayer"] * 4
         pruneattn.unpatch(model)
         assert all(type(layer) is ViTLayer for layer in model.vit.layers)
         torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)

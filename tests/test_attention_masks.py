@@ -338,3 +338,31 @@ def test_lower_precisions_and_the_triton_interpreter(dtype, device):
             same = (kept == want_kept).all(dim=1)
             assert same.any()
             torch.testing.assert_close(out.cpu().double()[same], want[same], rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("cls_name", ["Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"])
+def test_classifiers_that_average_all_tokens_refuse_unequal_masks(cls_name, cpu_backend):
+    """Their head averages every output token: with images keeping different numbers of patches the
+    padding slots would enter the average, so such a mask is refused while a block prunes; equal counts,
+    keep 1.0 and the encoder patched on its own work."""
+    config = T.Dinov2Config if cls_name.startswith("Dinov2For") else T.Dinov2WithRegistersConfig
+    torch.manual_seed(0)
+    model = getattr(T, cls_name)(config(**SMALL, num_attention_heads=3, num_labels=4)).eval()
+    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+    pixels = torch.randn(2, 3, 20, 20)
+    unequal = torch.ones(2, prefix + 25, dtype=torch.long)
+    unequal[1, -3:] = 0
+    equal = unequal.clone()
+    equal[0, prefix : prefix + 3] = 0
+    pruneattn.patch(model, keep_rate=0.5)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=f"{cls_name} averages every output token"):
+            model(pixels, attention_mask=unequal)
+        assert model(pixels, attention_mask=equal).logits.shape == (2, 4)
+        pruneattn.patch(model, keep_rate=1.0)
+        assert model(pixels, attention_mask=unequal).logits.shape == (2, 4)
+        encoder = model.dinov2 if prefix == 1 else model.dinov2_with_registers
+        pruneattn.unpatch(model)
+        pruneattn.patch(encoder, keep_rate=0.5, layers=[1])
+        out = encoder(pixels, attention_mask=unequal).last_hidden_state
+    assert out.shape[1] == prefix + 13 and (pruneattn.kept_indices(encoder)[1][1] == -1).sum() == 13 - 11

@@ -28,6 +28,7 @@ Towers that merge units of patches (Qwen2-VL's, Qwen2.5-VL's with its window att
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -107,17 +108,25 @@ class HFReader:
         return float(getattr(att, self.names.dropout))
 
 
+# Models whose head averages every output token of their encoder, and the encoders found inside one.
+_AVERAGE_TOKENS = frozenset({"Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"})
+_AVERAGED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class CallerMask:
-    """Where an encoder's forward takes an attention mask over its tokens, and its prefix tokens."""
+    """Where an encoder's forward takes an attention mask over its tokens, its prefix tokens, and the model
+    around it whose head averages all its output tokens (if any) while some layer prunes."""
 
     position: int | None  # index among the positional arguments after ``self``; None: keyword only, or none
     num_prefix: int
+    averaged_by: str | None = None
 
     @staticmethod
-    def of(encoder: nn.Module, num_prefix: int) -> CallerMask:
+    def of(encoder: nn.Module, num_prefix: int, selects: bool) -> CallerMask:
         names = list(inspect.signature(type(encoder).forward).parameters)[1:]
-        return CallerMask(names.index("attention_mask") if "attention_mask" in names else None, num_prefix)
+        position = names.index("attention_mask") if "attention_mask" in names else None
+        return CallerMask(position, num_prefix, _AVERAGED.get(encoder) if selects else None)
 
     def find(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         if self.position is not None and len(args) > self.position:
@@ -129,7 +138,16 @@ def _begin_call(mask: CallerMask, encoder: nn.Module, args: tuple, kwargs: dict)
     """Open an encoder's call. An attention mask its caller passes (ViT, DeiT, DINOv2 and others take a
     key padding mask over their tokens) is checked here, before any work: the layers then prune under it."""
     given = mask.find(args, kwargs)
-    caller_padding(given, mask.num_prefix, type(encoder).__name__)
+    real = caller_padding(given, mask.num_prefix, type(encoder).__name__)
+    if real is not None and mask.averaged_by is not None:
+        patches = real[:, mask.num_prefix :].sum(dim=1)
+        if bool((patches != patches[0]).any()):
+            raise ValueError(
+                f"pruneattn: {mask.averaged_by} averages every output token of its {type(encoder).__name__}, but "
+                "under this attention_mask its images keep different numbers of patches, so the average would "
+                f"include padding slots; patch its {type(encoder).__name__} on its own and pool each image's kept "
+                "tokens (pruneattn.kept_indices), or patch with keep_rate=1.0"
+            )
     state = begin(encoder._pruneattn_plan)
     state.caller_mask = given is not None
 
@@ -332,6 +350,11 @@ class HFAdapter:
                 f"pruneattn.patch: expected one vision encoder ({' / '.join(family.encoder)}) in this "
                 f"{type(model).__name__}, found {len(found)}"
             )
+        averaging = next((c.__name__ for c in type(model).__mro__ if c.__name__ in _AVERAGE_TOKENS), None)
+        if averaging is None:
+            _AVERAGED.pop(found[0], None)
+        else:
+            _AVERAGED[found[0]] = averaging
         return found[0]
 
     def has_class_token(self, family: Family, model: nn.Module) -> bool:
@@ -353,7 +376,9 @@ class HFAdapter:
             return
         encoder._pruneattn_plan = plan
         if family.padding is None:
-            begin_call = partial(_begin_call, CallerMask.of(encoder, registry.num_prefix(family, encoder)))
+            selects = any(getattr(b, "_pruneattn", None) is not None and b._pruneattn.selects
+                          for b in blocks_of(family, encoder))
+            begin_call = partial(_begin_call, CallerMask.of(encoder, registry.num_prefix(family, encoder), selects))
         else:
             begin_call = _begin_padded_call
         if family.packed is not None:

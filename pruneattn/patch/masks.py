@@ -48,13 +48,14 @@ def padding_of(args: tuple, kwargs: dict, batch: int) -> torch.Tensor | None:
     return real_keys(mask).reshape(mask.shape[0], -1).expand(batch, -1)
 
 
-def caller_padding(mask: object, num_prefix: int, owner: str) -> None:
+def caller_padding(mask: object, num_prefix: int, owner: str) -> torch.Tensor | None:
     """Check that the attention mask a caller passes to a patched ``owner`` (a class name) is a key
     padding mask over its tokens with every prefix token real: (B, N) with 0 at padding (transformers'
     form), or (B or 1, 1 or H, 1 or N, N), boolean (True: seen) or additive (0: seen; -inf or the
-    dtype's lowest number: not seen), the same for every query and head. Raises ValueError otherwise."""
+    dtype's lowest number: not seen), the same for every query and head. Raises ValueError otherwise;
+    returns the (B or 1, N) bool mask of the real tokens (None for no mask)."""
     if mask is None:
-        return
+        return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"pruneattn: the attention_mask of a patched {owner} must be a tensor, got {type(mask).__name__}")
     if mask.dim() not in (2, 4):
@@ -94,3 +95,4 @@ def caller_padding(mask: object, num_prefix: int, owner: str) -> None:
             "distillation or register tokens), which are always kept; padding must be among the patch tokens "
             "(pad on the right)"
         )
+    return seen

@@ -142,6 +142,4 @@ def test_unsupported_hf_models_and_args():
     pruneattn.patch(model)  # default layers: 1/4, 1/2, 3/4 of the depth
     assert sorted(m._pruneattn.layer for m in model.modules() if hasattr(m, "_pruneattn")) == [2, 3, 5]
     pruneattn.unpatch(model)
-    with pytest.raises(ValueError, match="attention dropout"):
-        pruneattn.patch(build(ViTModel, attention_probs_dropout_prob=0.1), layers=(1,))
     assert all(type(layer) is ViTLayer for layer in model.layers)

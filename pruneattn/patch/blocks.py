@@ -42,6 +42,9 @@ class AttentionReader(Protocol):
         """The module's output (B, N, C) from the attention output ``out`` (B, H, N, d) (laid out as
         (B, N, H, d) in memory) and its input ``x``."""
 
+    def dropout(self, attn: nn.Module) -> float:
+        """The probability of the dropout the module applies to its attention weights in train mode."""
+
 
 @dataclass(frozen=True)
 class Residual:
@@ -90,9 +93,11 @@ def attend(
     cfg: BlockConfig, reader: AttentionReader, attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
     valid: torch.Tensor | None = None,
 ):
-    """The attention module's output for ``x`` computed by the scoring attention, and the stats
-    (without the attention output, which must not outlive the projection: peak memory)."""
-    stats = attention(cfg, *reader.heads(attn, x, rope), reader.scale(attn), valid)
+    """The attention module's output for ``x`` computed by the scoring attention (with the module's
+    attention dropout in train mode), and the stats (without the attention output, which must not outlive
+    the projection: peak memory)."""
+    dropout = reader.dropout(attn) if attn.training else 0.0
+    stats = attention(cfg, *reader.heads(attn, x, rope), reader.scale(attn), valid, dropout)
     return reader.project(attn, stats.out, x), stats._replace(out=None)
 
 

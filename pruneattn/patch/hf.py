@@ -409,10 +409,10 @@ class HFAdapter:
     def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
         att = getattr(block, shape.attention.module)
         p = self.reader(family).dropout(att)
-        if p > 0:
+        if p > 0 and family.merge_from is not None:
             raise ValueError(
-                f"pruneattn.patch: layer {layer} uses attention dropout (p={p}), which the fused attention cannot "
-                "apply; set the config's attention dropout to 0 first"
+                f"pruneattn.patch: layer {layer} uses attention dropout (p={p}), which the pruning layers of a "
+                f"{family.label} tower do not apply; set the config's attention dropout to 0 first"
             )
 
 

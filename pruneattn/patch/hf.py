@@ -16,6 +16,9 @@ batch, their patches padded to one length and marked by a padding mask): the mas
 becomes the forward call's padding mask. Every layer is handed it as a broadcast (B, 1, 1, N) key mask
 (nothing N x N), rebuilt after each pruning block for the tokens that remain, and so is the pooling
 head; the pruning blocks score, select and pad per image (:func:`pruneattn.patch.prune.prune_padded`).
+The ``attention_mask`` that ViT, DeiT, DINOv2, ViT-MSN, I-JEPA and ViT-MAE take (a key padding mask over
+their tokens) is pruned under the same way; a mask that is not a key padding mask, or that hides a prefix
+token, is refused before any work (:mod:`pruneattn.patch.masks`).
 
 Packed encoders (Pixtral: the images of a batch in ONE sequence, a block-diagonal mask keeping them
 apart): the unpatched layers run packed, as in the unpatched model; each pruning layer gets the
@@ -392,8 +395,8 @@ class HFAdapter:
         )
         for block in blocks_of(family, encoder):  # the later unpatched layers too: they see fewer tokens
             block._pruneattn_plan = plan
-            if family.packed is None and not isinstance(block, PrunedLayer):  # (packed: the runner hands
-                swap(block, TakesCallMask)  # each layer its mask)
+            if family.packed is None and not isinstance(block, PrunedLayer):  # packed: the runner gives the masks
+                swap(block, TakesCallMask)
         if family.pool_mask is not None:
             head = attribute(encoder, family.pool_mask)
             if head is not None:

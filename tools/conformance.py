@@ -255,7 +255,7 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     try:
-        out["pruneattn"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        out["pruneattn"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                           capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         out["pruneattn"] = "unknown"

@@ -178,6 +178,44 @@ def test_siglip2_model_image_features(cpu_backend):
     assert pool(pruned).shape == pool(want).shape and not torch.allclose(pool(pruned), pool(want))
 
 
+FULL = [[(8, 8), (8, 8), (8, 8)], [(8, 8)]]  # same-size images that fill max_num_patches: a mask of ones
+
+
+@pytest.mark.parametrize("shapes", FULL, ids=["batch3", "batch1"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_siglip2_mask_of_ones(shapes, impl, cpu_backend):
+    """Every patch real (transformers then passes the layers no mask at all): keep 1.0 equals unpatched,
+    pruned equals each image alone, and the pooling head pools the kept tokens."""
+    model = _siglip2()
+    model.config._attn_implementation = impl
+    pixel_values, mask, spatial = _naflex_batch(shapes)
+    assert bool(mask.all())
+    with torch.no_grad():
+        want = model(pixel_values, mask, spatial)
+        pruneattn.patch(model, keep_rate=1.0)
+        same = model(pixel_values, mask, spatial)
+        tol = 0 if impl == "sdpa" else 1e-5  # transformers' eager attention takes its softmax in float32
+        torch.testing.assert_close(same.last_hidden_state, want.last_hidden_state, rtol=tol, atol=tol)
+        torch.testing.assert_close(same.pooler_output, want.pooler_output, rtol=tol, atol=tol)
+        embeddings = model.embeddings(pixel_values, spatial)
+        for mode in ("drop", "fuse"):
+            pruneattn.patch(model, keep_rate=0.5, layers=[1, 2], mode=mode)
+            out = model(pixel_values, mask, spatial)
+            kept = pruneattn.kept_indices(model)
+            assert out.last_hidden_state.shape[1] == 16 + (mode == "fuse")
+            assert (kept[2] >= 0).all()
+            if mode == "fuse":
+                assert torch.isfinite(out.pooler_output).all()
+                continue
+            for b in range(len(shapes)):
+                x, want_kept = _eager_alone(model.encoder.layers, embeddings[b : b + 1], {1: 0.5, 2: 0.5})
+                x = model.post_layernorm(x)
+                close = {} if impl == "sdpa" else dict(rtol=1e-4, atol=1e-5)  # (its unpruned layers: float32)
+                torch.testing.assert_close(out.last_hidden_state[b], x[0], **close)
+                torch.testing.assert_close(out.pooler_output[b], model.head(x)[0], **close)
+                assert kept[2][b].tolist() == want_kept[2]
+
+
 def test_siglip2_classifier_is_refused():
     from transformers import Siglip2Config, Siglip2ForImageClassification
 

@@ -142,6 +142,11 @@ def test_default_layers_and_refusals():
     with pytest.raises(ValueError, match="class token"):
         pruneattn.patch(tower, query="cls", layers=[1])
     assert [i for i, b in enumerate(tower.blocks) if hasattr(b, "_pruneattn")] == [1, 3, 5]  # untouched
+    windows_only = _tower(depth=2, full=(7, 15))  # transformers' default full blocks, beyond a 2-block tower
+    for kw in ({}, {"keep_rate": 1.0}):
+        with pytest.raises(ValueError, match=r"no full-attention block among its 2 blocks .*\[7, 15\]"):
+            pruneattn.patch(windows_only, **kw)
+    assert not any(hasattr(b, "_pruneattn") for b in windows_only.blocks)
 
 
 def test_return_dict_false_and_checkpointed_training(cpu_backend):

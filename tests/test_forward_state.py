@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTForImageClassification
 
 import pruneattn
+from pruneattn.patch.swap import Swapped
 from model_reference import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=4)
@@ -422,5 +423,7 @@ def test_repatching_a_patched_hugging_face_model(cpu_backend):
     with torch.no_grad():
         logits(model, images(2, seed=14))
     assert sorted(pruneattn.kept_indices(model)) == [1, 3]
-    # the old hooks are gone: one pre-hook on the encoder and one on each of its layers, none twice
-    assert [len(m._forward_pre_hooks) for m in model.modules() if m._forward_pre_hooks] == [1] * (1 + 4)
+    # the old hooks are gone: one pre-hook on the encoder, none twice; each layer swapped from its original class
+    assert [len(m._forward_pre_hooks) for m in model.modules() if m._forward_pre_hooks] == [1]
+    swapped = [m for m in model.modules() if isinstance(m, Swapped)]
+    assert len(swapped) == 4 and not any(issubclass(type(m).__bases__[-1], Swapped) for m in swapped)

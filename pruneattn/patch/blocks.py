@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from pruneattn.patch.masks import check_no_mask, padding_of
 from pruneattn.patch.prune import attention, check_traceable, prune_padded, prune_tokens
 from pruneattn.patch.state import BlockConfig
 from pruneattn.patch.swap import Swapped
@@ -40,6 +41,9 @@ class AttentionReader(Protocol):
     def project(self, attn: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The module's output (B, N, C) from the attention output ``out`` (B, H, N, d) (laid out as
         (B, N, H, d) in memory) and its input ``x``."""
+
+    def dropout(self, attn: nn.Module) -> float:
+        """The probability of the dropout the module applies to its attention weights in train mode."""
 
 
 @dataclass(frozen=True)
@@ -85,40 +89,15 @@ def apply_after(block: nn.Module, names: tuple[str, ...], y: torch.Tensor) -> to
     return y
 
 
-def check_no_mask(args: tuple, kwargs: dict) -> None:
-    """Refuse an attention mask (positional after the tokens, or by any of the libraries' names)."""
-    masks = [a for a in args if a is not None and a is not False]
-    masks += [kwargs[n] for n in ("attn_mask", "attention_mask") if kwargs.get(n) is not None]
-    if masks or kwargs.get("is_causal", False):
-        raise ValueError("pruneattn: patched blocks take no attention mask (attn_mask / attention_mask / is_causal)")
-
-
-def key_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, 1, 1, N) additive key mask of a (B, N) padding mask: 0 at real keys, the dtype's lowest
-    number at padded ones (what timm's and transformers' attention add to their logits), never N x N.
-    :func:`padding_of` reads it back."""
-    bias = torch.zeros((valid.shape[0], 1, 1, valid.shape[1]), dtype=dtype, device=valid.device)
-    return bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
-
-
-def padding_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The (B, N) padding mask behind the attention mask a padded encoder's layer is given (its first
-    argument after the tokens, or ``attention_mask`` / ``attn_mask``): a broadcast key mask (B, 1, 1 or N, N), additive
-    (0 at real keys) or boolean (True at real keys); None if there is none."""
-    mask = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-    if mask is None:
-        return None
-    row = mask[:, 0, 0, :]
-    return row if row.dtype == torch.bool else row == 0
-
-
 def attend(
     cfg: BlockConfig, reader: AttentionReader, attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
     valid: torch.Tensor | None = None,
 ):
-    """The attention module's output for ``x`` computed by the scoring attention, and the stats
-    (without the attention output, which must not outlive the projection: peak memory)."""
-    stats = attention(cfg, *reader.heads(attn, x, rope), reader.scale(attn), valid)
+    """The attention module's output for ``x`` computed by the scoring attention (with the module's
+    attention dropout in train mode), and the stats (without the attention output, which must not outlive
+    the projection: peak memory)."""
+    dropout = reader.dropout(attn) if attn.training else 0.0
+    stats = attention(cfg, *reader.heads(attn, x, rope), reader.scale(attn), valid, dropout)
     return reader.project(attn, stats.out, x), stats._replace(out=None)
 
 
@@ -126,6 +105,7 @@ class PrunedSequential(Swapped):
     """Swapped into a :class:`Sequential` block: prunes between its attention and its MLP branch."""
 
     _pruneattn: BlockConfig
+    takes_padding = False  # its attention mask, if any, is a padding mask (otherwise a mask is refused)
 
     def forward(
         self, x: torch.Tensor, *args, rope: torch.Tensor | None = None, position_embeddings: tuple | None = None,
@@ -134,8 +114,13 @@ class PrunedSequential(Swapped):
         check_traceable(x)
         cfg = self._pruneattn
         valid = None
-        if cfg.padded:
-            valid = padding_of(args, kwargs)
+        if cfg.padded or self.takes_padding:
+            valid = padding_of(args, kwargs, x.shape[0])
+            if valid is not None and valid.shape[1] != x.shape[1]:
+                raise ValueError(
+                    f"pruneattn: block {cfg.layer} was given a padding mask over {valid.shape[1]} tokens for its "
+                    f"{x.shape[1]} tokens"
+                )
         else:
             check_no_mask(args, kwargs)
         rope = position_embeddings if rope is None else rope  # timm's rotary table, or Hugging Face's (cos, sin)

@@ -16,6 +16,9 @@ batch, their patches padded to one length and marked by a padding mask): the mas
 becomes the forward call's padding mask. Every layer is handed it as a broadcast (B, 1, 1, N) key mask
 (nothing N x N), rebuilt after each pruning block for the tokens that remain, and so is the pooling
 head; the pruning blocks score, select and pad per image (:func:`pruneattn.patch.prune.prune_padded`).
+The ``attention_mask`` that ViT, DeiT, DINOv2, ViT-MSN, I-JEPA and ViT-MAE take (a key padding mask over
+their tokens) is pruned under the same way; a mask that is not a key padding mask, or that hides a prefix
+token, is refused before any work (:mod:`pruneattn.patch.masks`).
 
 Packed encoders (Pixtral: the images of a batch in ONE sequence, a block-diagonal mask keeping them
 apart): the unpatched layers run packed, as in the unpatched model; each pruning layer gets the
@@ -27,13 +30,17 @@ Towers that merge units of patches (Qwen2-VL's, Qwen2.5-VL's with its window att
 """
 from __future__ import annotations
 
+import inspect
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from pruneattn.ops import split_qkv
-from pruneattn.patch.blocks import BlockShape, PrunedSequential, key_mask
+from pruneattn.patch.blocks import BlockShape, PrunedSequential
+from pruneattn.patch.masks import caller_padding, key_mask, mask_like
 from pruneattn.patch.packing import pack, unpack
 from pruneattn.patch.positions import compose, gather_rows
 from pruneattn.patch import registry, windowed
@@ -104,46 +111,86 @@ class HFReader:
         return float(getattr(att, self.names.dropout))
 
 
-def _begin_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+# Models whose head averages every output token of their encoder, and the encoders found inside one.
+_AVERAGE_TOKENS = frozenset({"Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"})
+_AVERAGED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class CallerMask:
+    """Where an encoder's forward takes an attention mask over its tokens, its prefix tokens, and the model
+    around it whose head averages all its output tokens (if any) while some layer prunes."""
+
+    position: int | None  # index among the positional arguments after ``self``; None: keyword only, or none
+    num_prefix: int
+    averaged_by: str | None = None
+
+    @staticmethod
+    def of(encoder: nn.Module, num_prefix: int, selects: bool) -> CallerMask:
+        names = list(inspect.signature(type(encoder).forward).parameters)[1:]
+        position = names.index("attention_mask") if "attention_mask" in names else None
+        return CallerMask(position, num_prefix, _AVERAGED.get(encoder) if selects else None)
+
+    def find(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if self.position is not None and len(args) > self.position:
+            return args[self.position]
+        return kwargs.get("attention_mask")
+
+
+def _begin_call(mask: CallerMask, encoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Open an encoder's call. An attention mask its caller passes (ViT, DeiT, DINOv2 and others take a
+    key padding mask over their tokens) is checked here, before any work: the layers then prune under it."""
+    given = mask.find(args, kwargs)
+    real = caller_padding(given, mask.num_prefix, type(encoder).__name__)
+    if real is not None and mask.averaged_by is not None:
+        patches = real[:, mask.num_prefix :].sum(dim=1)
+        if bool((patches != patches[0]).any()):
+            raise ValueError(
+                f"pruneattn: {mask.averaged_by} averages every output token of its {type(encoder).__name__}, but "
+                "under this attention_mask its images keep different numbers of patches, so the average would "
+                f"include padding slots; patch its {type(encoder).__name__} on its own and pool each image's kept "
+                "tokens (pruneattn.kept_indices), or patch with keep_rate=1.0"
+            )
     state = begin(encoder._pruneattn_plan)
-    # Whether this call's caller passed an attention mask (anything positional after pixel_values counts).
-    state.caller_mask = len(args) > 1 or kwargs.get("attention_mask") is not None
+    state.caller_mask = given is not None
 
 
 def _begin_padded_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     """Open a padded encoder's call. Until its first pruning layer the layers get the attention mask the
     encoder builds from its padding mask, as unpatched; from there on, the call's own (B, N) mask."""
-    begin(encoder._pruneattn_plan)
+    begin(encoder._pruneattn_plan).caller_mask = True
 
 
 class TakesCallMask(Swapped):
-    """Swapped into every layer of a padded encoder: after a pruning layer, the attention mask it is
-    given is the running call's padding mask of the tokens it receives, as a broadcast (B, 1, 1, N) key
-    mask of the kind the encoder built (boolean: a view of the call's mask; additive: 0 / lowest). Replaced
-    in ``__call__``, before transformers' activation checkpointing wraps the forward, so that a
-    recompute gets the same mask."""
+    """Swapped into every layer of a Hugging Face encoder. Until a pruning layer has pruned under a padding
+    mask, a layer gets the attention mask the encoder built, as unpatched (none where the caller passed
+    none: the mask transformers builds for all tokens while it believes it is exporting, as under torch
+    2.11's ``torch.compile``, lets every token see every token). From there on it gets the running call's
+    padding mask of the tokens it receives, in the form the encoder built: a (B, N) mask, a boolean view
+    (B, 1, 1, N), or an additive (B, 1, 1, N) key mask (0 / lowest). Replaced in ``__call__``, before
+    transformers' activation checkpointing wraps the forward, so that a recompute gets the same mask."""
 
     keeps_name = True
 
     def __call__(self, hidden_states, *args, **kwargs):
         state = current(self._pruneattn_plan)
-        if state is not None and state.valid is not None:
-            given = args[0] if args else kwargs.get("attention_mask")
-            if given is not None and given.dtype == torch.bool:
-                mask = state.valid[:, None, None, :]
-            else:
-                mask = key_mask(state.valid, hidden_states.dtype)
-            if args:
-                args = (mask, *args[1:])
-            else:
-                kwargs["attention_mask"] = mask
+        given = args[0] if args else kwargs.get("attention_mask")
+        if state is None or (state.valid is None and (state.caller_mask or given is None)):
+            return super().__call__(hidden_states, *args, **kwargs)
+        mask = None if state.valid is None else mask_like(state.valid, given, hidden_states.dtype)
+        if args:
+            args = (mask, *args[1:])
+        else:
+            kwargs["attention_mask"] = mask
         return super().__call__(hidden_states, *args, **kwargs)
 
 
-class PrunedPadded(TakesCallMask, PrunedSequential):
-    """A pruning layer of a padded encoder."""
+class PrunedLayer(TakesCallMask, PrunedSequential):
+    """A pruning layer of a Hugging Face encoder: the attention mask it is given, if any, is a padding
+    mask, and it prunes per image under it."""
 
     keeps_name = False
+    takes_padding = True
 
 
 def _begin_packed_call(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -209,14 +256,15 @@ def _block_mask(lengths: list[int], x: torch.Tensor) -> torch.Tensor:
 
 def _pool_mask(head: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of a padded encoder's pooling head: it pools the tokens that remain, so it gets
-    their padding mask instead of the input's."""
+    their padding mask instead of the input's. Where the layers got no padding mask (every token of the
+    batch real: transformers passes none), every remaining token is real too."""
     state = current(head._pruneattn_plan)
-    if state is None or state.valid is None:
-        return None
     mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-    if mask is None:
+    if state is None or mask is None:
         return None
-    valid = state.valid.to(mask.dtype)
+    tokens = args[0] if args else kwargs["hidden_state"]
+    valid = state.valid if state.valid is not None else mask.new_ones(tokens.shape[:2])
+    valid = valid.to(mask.dtype)
     if len(args) > 1:
         return (args[0], valid, *args[2:]), kwargs
     return args, {**kwargs, "attention_mask": valid}
@@ -246,7 +294,7 @@ class Follow:
     fused: bool  # its input ends with a fused token
 
 
-class FollowsKeptPatches(Swapped):
+class FollowsKeptPatches(TakesCallMask):
     """Swapped into every block of a rotary family after the first pruning block: its ``(cos, sin)``
     tables are gathered per image at the original grid positions of the tokens it receives (the fused
     token, if any, gets the identity rotation). This happens in ``__call__``, before transformers'
@@ -275,6 +323,7 @@ class PrunedFollowing(FollowsKeptPatches, PrunedSequential):
     """A pruning block after another pruning block in a rotary family."""
 
     keeps_name = False
+    takes_padding = True
 
 
 def _follow_kept_patches(family: Family, encoder: nn.Module, plan: Plan) -> None:
@@ -288,22 +337,6 @@ def _follow_kept_patches(family: Family, encoder: nn.Module, plan: Plan) -> None
         fused = fused or (cfg is not None and cfg.mode == "fuse" and cfg.selects)
 
 
-def _drop_own_mask(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook of each layer of a patched encoder: when the encoder's caller passed no attention
-    mask, the mask the encoder built itself lets every token see every token, so the layer gets None
-    instead (transformers builds that mask, for all tokens, rather than None while it believes it is
-    exporting, as under torch 2.11's ``torch.compile``). A mask the caller passed reaches the layers,
-    and the patched ones refuse it."""
-    state = current(layer._pruneattn_plan)
-    if state is None or state.caller_mask:
-        return None
-    if len(args) > 1 and args[1] is not None:
-        args = (args[0], None, *args[2:])
-    if kwargs.get("attention_mask") is not None:
-        kwargs = {**kwargs, "attention_mask": None}
-    return args, kwargs
-
-
 class HFAdapter:
     """The :class:`pruneattn.patch.registry.Adapter` of the Hugging Face families."""
 
@@ -314,6 +347,11 @@ class HFAdapter:
                 f"pruneattn.patch: expected one vision encoder ({' / '.join(family.encoder)}) in this "
                 f"{type(model).__name__}, found {len(found)}"
             )
+        averaging = next((c.__name__ for c in type(model).__mro__ if c.__name__ in _AVERAGE_TOKENS), None)
+        if averaging is None:
+            _AVERAGED.pop(found[0], None)
+        else:
+            _AVERAGED[found[0]] = averaging
         return found[0]
 
     def has_class_token(self, family: Family, model: nn.Module) -> bool:
@@ -325,7 +363,7 @@ class HFAdapter:
     def pruned_block(self, shape: BlockShape, family: Family) -> type:
         if family.merge_from is not None:
             return windowed.PrunedWindowed
-        return PrunedSequential if family.padding is None and family.packed is None else PrunedPadded
+        return PrunedLayer
 
     def attach(self, family: Family, encoder: nn.Module, plan: Plan) -> None:
         """Forward hooks open and close each call's state: swapping the class of a transformers model
@@ -334,7 +372,12 @@ class HFAdapter:
             windowed.attach(family, encoder, plan, registry.unit_of(family, encoder))
             return
         encoder._pruneattn_plan = plan
-        begin_call = _begin_call if family.padding is None else _begin_padded_call
+        if family.padding is None:
+            selects = any(getattr(b, "_pruneattn", None) is not None and b._pruneattn.selects
+                          for b in blocks_of(family, encoder))
+            begin_call = partial(_begin_call, CallerMask.of(encoder, registry.num_prefix(family, encoder), selects))
+        else:
+            begin_call = _begin_padded_call
         if family.packed is not None:
             begin_call = _begin_packed_call
             runner = attribute(encoder, family.packed)
@@ -346,13 +389,9 @@ class HFAdapter:
         )
         for block in blocks_of(family, encoder):  # the later unpatched layers too: they see fewer tokens
             block._pruneattn_plan = plan
-            if family.packed is not None:
-                continue  # the packed runner hands each layer its mask
-            if family.padding is not None:
-                if not isinstance(block, TakesCallMask):  # pruning layers take it too
-                    swap(block, TakesCallMask)
-            else:
-                block._pruneattn_hooks = (block.register_forward_pre_hook(_drop_own_mask, with_kwargs=True),)
+            # Packed: the runner gives the masks. Pruning layers (a spatial-unit one too) take the call's mask already.
+            if family.packed is None and not isinstance(block, TakesCallMask):
+                swap(block, TakesCallMask)
         if family.pool_mask is not None:
             head = attribute(encoder, family.pool_mask)
             if head is not None:
@@ -368,10 +407,10 @@ class HFAdapter:
     def check_block(self, family: Family, block: nn.Module, shape: BlockShape, layer: int) -> None:
         att = getattr(block, shape.attention.module)
         p = self.reader(family).dropout(att)
-        if p > 0:
+        if p > 0 and family.merge_from is not None:
             raise ValueError(
-                f"pruneattn.patch: layer {layer} uses attention dropout (p={p}), which the fused attention cannot "
-                "apply; set the config's attention dropout to 0 first"
+                f"pruneattn.patch: layer {layer} uses attention dropout (p={p}), which the pruning layers of a "
+                f"{family.label} tower do not apply; set the config's attention dropout to 0 first"
             )
 
 

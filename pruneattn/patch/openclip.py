@@ -33,6 +33,9 @@ class MultiheadReader:
         B, H, N, d = out.shape
         return att.out_proj(out.transpose(1, 2).reshape(B, N, H * d))
 
+    def dropout(self, att: nn.MultiheadAttention) -> float:
+        return float(att.dropout)
+
 
 READER = MultiheadReader()
 
@@ -116,11 +119,6 @@ class OpenClipAdapter:
             raise TypeError(
                 f"pruneattn.patch: block {layer}'s attention is not a batch-first nn.MultiheadAttention with one "
                 "packed input projection"
-            )
-        if att.dropout > 0:
-            raise ValueError(
-                f"pruneattn.patch: block {layer} uses attention dropout (p={att.dropout}), which the fused attention "
-                "cannot apply; set it to 0 first"
             )
         if hasattr(block, "ln_1_kv"):
             raise TypeError(f"pruneattn.patch: block {layer} is a cross-attention block (ln_1_kv)")

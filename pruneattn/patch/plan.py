@@ -104,6 +104,12 @@ def plan_encoder(encoder: Encoder, options: Options) -> EncoderPlan:
     check_choice("query", query, QUERIES)
     check_choice("mode", options.mode, MODES)
     depth, full = len(encoder.blocks), encoder.full_attention
+    if full is not None and not any(0 <= f < depth for f in full):
+        raise ValueError(
+            f"pruneattn.patch: this {type(model).__name__} has no full-attention block among its {depth} blocks (its "
+            f"full-attention blocks are {list(full)}): every block attends within windows, where a patch's score "
+            "would see its window only, so pruneattn has no block to prune in"
+        )
     layers = options.layers
     if layers is None and family.default_blocks is not None:
         layers = tuple(i % depth for i in family.default_blocks)

@@ -57,17 +57,27 @@ def kept_count(cfg: BlockConfig, num_patches: int) -> int:
 
 def attention(
     cfg: BlockConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, dropout: float = 0.0,
 ) -> AttentionStats:
     """Attention output (B, H, N, d) and the scores of every token after the prefix (fused one included);
-    ``valid``: the (B, N) padding mask of a padded encoder, or None."""
+    ``valid``: the (B, N) padding mask of a padded encoder, or None.
+
+    ``dropout`` > 0 (the model's attention dropout, in train mode): the output is attention with dropout on
+    its weights, as the unpatched model computes it in train mode (PyTorch's SDPA with ``dropout_p``: the
+    fused kernels have no dropout, so the output is computed a second time there); the scores, the fuse
+    weights and so the selection come from the attention without dropout."""
     if q.shape[0] == 0:  # an empty batch: nothing to score, shapes as for any batch
         B, H, N, _ = q.shape
         empty = q.new_empty((B, N - cfg.num_prefix), dtype=torch.float32)
         return AttentionStats(F.scaled_dot_product_attention(q, k, v, scale=scale), empty, empty)
-    return attention_stats(
+    stats = attention_stats(
         q, k, v, stat=cfg.stat, query=cfg.query, num_prefix=cfg.num_prefix, scale=scale, valid=valid, unit=cfg.unit
     )
+    if dropout > 0:
+        mask = None if valid is None else valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        stats = stats._replace(out=out)
+    return stats
 
 
 def selection_scores(cfg: BlockConfig, stats: AttentionStats, B: int, P: int) -> torch.Tensor:

@@ -39,9 +39,14 @@ def derived_class(mixin: type, original: type) -> type:
     """The class ``(mixin, original)``, made once per pair (so that ``isinstance`` and compile caches hold)."""
     key = (mixin, original)
     if key not in _DERIVED:
-        # A mixin with ``keeps_name`` keeps the original's name (transformers saves it in configs).
-        name = original.__name__ if getattr(mixin, "keeps_name", False) else f"Pruned{original.__name__}"
-        _DERIVED[key] = type(name, (mixin, original), {"__module__": mixin.__module__, "__qualname__": name})
+        # A mixin with ``keeps_name`` keeps the original's name and module: transformers saves the name in
+        # configs, and treats a model whose class lives outside ``transformers.`` as custom code (its
+        # ``init_weights`` and ``from_pretrained`` then skip the model's own initialization of submodules).
+        if getattr(mixin, "keeps_name", False):
+            name, module = original.__name__, original.__module__
+        else:
+            name, module = f"Pruned{original.__name__}", mixin.__module__
+        _DERIVED[key] = type(name, (mixin, original), {"__module__": module, "__qualname__": name})
     return _DERIVED[key]
 
 

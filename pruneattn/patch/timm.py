@@ -30,15 +30,8 @@ from torch import nn
 
 from pruneattn._versions import release
 from pruneattn.ops import split_qkv
-from pruneattn.patch.blocks import (
-    BlockShape,
-    Parallel,
-    PrunedSequential,
-    Sequential,
-    attend,
-    check_no_mask,
-    key_mask,
-)
+from pruneattn.patch.blocks import BlockShape, Parallel, PrunedSequential, Sequential, attend
+from pruneattn.patch.masks import check_no_mask, key_mask
 from pruneattn.patch.positions import compose, paint, rotary_table
 from pruneattn.patch.prune import attention, check_traceable, prune_tokens
 from pruneattn.patch.registry import Family
@@ -86,6 +79,9 @@ class TimmReader:
             y = y * a.gate(x).sigmoid()
         return a.proj_drop(a.proj(y))
 
+    def dropout(self, a: nn.Module) -> float:
+        return float(a.attn_drop.p)
+
 
 READER = TimmReader()
 
@@ -107,7 +103,8 @@ class PrunedParallelScaling(Swapped):
         v = v.view(heads).transpose(1, 2)
         if q.dtype != v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
-        stats = attention(self._pruneattn, q, k, v, float(self.scale))
+        dropout = READER.dropout(self) if self.training else 0.0
+        stats = attention(self._pruneattn, q, k, v, float(self.scale), dropout=dropout)
         x_attn = stats.out.transpose(1, 2).reshape(B, N, C)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         if self.out_proj is not None:
@@ -128,7 +125,9 @@ class PrunedParallelThings(Swapped):
         inputs = [branch.norm(x) for branch in self.attns]
         heads = [READER.heads(branch.attn, h, None) for branch, h in zip(self.attns, inputs)]
         q, k, v = (torch.cat(t, dim=1) for t in zip(*heads))
-        stats = attention(self._pruneattn, q, k, v, READER.scale(self.attns[0].attn))
+        first = self.attns[0].attn  # (every branch has its dropout: checked by patch)
+        dropout = READER.dropout(first) if first.training else 0.0
+        stats = attention(self._pruneattn, q, k, v, READER.scale(first), dropout=dropout)
         outs = stats.out.split([qkv[0].shape[1] for qkv in heads], dim=1)
         y = sum(b.drop_path(b.ls(READER.project(b.attn, o, h))) for b, o, h in zip(self.attns, outs, inputs))
         x = prune_tokens(self._pruneattn, x + y, stats)
@@ -383,12 +382,12 @@ class TimmAdapter:
                 f"pruneattn.patch: block {layer} is a {original_class(block).__name__} with attention {bad[0]}, "
                 "which pruneattn cannot read; timm's Attention, EvaAttention and AttentionRope are supported"
             )
-        for a in _block_attentions(block):
-            if a.attn_drop.p > 0:
-                raise ValueError(
-                    f"pruneattn.patch: block {layer} uses attention dropout (p={a.attn_drop.p}), which the "
-                    "fused attention cannot apply; set its attn_drop.p = 0 first"
-                )
+        rates = {READER.dropout(a) for a in _block_attentions(block)}
+        if len(rates) > 1:
+            raise ValueError(
+                f"pruneattn.patch: block {layer}'s parallel attentions use different attention dropout rates "
+                f"{sorted(rates)}, which one scoring attention over all their heads cannot apply; make them equal"
+            )
 
 
 ADAPTER = TimmAdapter()

@@ -24,8 +24,9 @@ import math
 import torch
 
 from pruneattn.ops import select_per_image, select_tokens
-from pruneattn.patch.blocks import PrunedSequential, key_mask, padding_of
-from pruneattn.patch.hf import PrunedPadded, TakesCallMask
+from pruneattn.patch.blocks import PrunedSequential
+from pruneattn.patch.hf import PrunedLayer, TakesCallMask
+from pruneattn.patch.masks import mask_like, padding_of
 from pruneattn.patch.prune import kept_count, selection_scores
 from pruneattn.patch.state import BlockConfig, current
 from pruneattn.validate import kept_per_image
@@ -143,7 +144,7 @@ class PrunedUnits(PrunedSequential):
             table = kwargs.get(name)
             if table is not None:  # cos and sin (or one table), the patches' rows last
                 kwargs[name] = tuple(_take_table(t, order) for t in table) if isinstance(table, tuple) else _take_table(table, order)
-        if cfg.padded:
+        if cfg.padded or self.takes_padding:
             args, kwargs = _reordered_mask(args, kwargs, order)
         out = super().__call__(x, *args, **kwargs)
         state = current(cfg.plan)
@@ -160,27 +161,27 @@ class PrunedUnits(PrunedSequential):
 def _reordered_mask(args: tuple, kwargs: dict, order: torch.Tensor) -> tuple[tuple, dict]:
     """A padded block's arguments with its padding mask (a broadcast key mask, see
     :func:`pruneattn.patch.blocks.padding_of`) taken in ``order``."""
-    valid = padding_of(args, kwargs)
+    valid = padding_of(args, kwargs, order.shape[0])
     if valid is None:
         return args, kwargs
     given = args[0] if args else kwargs.get("attention_mask", kwargs.get("attn_mask"))
-    valid = _take(valid, order, 1)
-    mask = valid[:, None, None, :] if given.dtype == torch.bool else key_mask(valid, given.dtype)
+    mask = mask_like(_take(valid, order, 1), given, given.dtype)
     if args:
         return (mask, *args[1:]), kwargs
     return args, {**kwargs, ("attention_mask" if "attention_mask" in kwargs else "attn_mask"): mask}
 
 
 class PrunedUnitsPadded(TakesCallMask, PrunedUnits):
-    """:class:`PrunedUnits` in a padded or packed encoder (its layers take the call's padding mask)."""
+    """:class:`PrunedUnits` in a Hugging Face encoder (its layers take the call's padding mask)."""
 
     keeps_name = False
+    takes_padding = True
 
 
 def pruned_block(cls: type) -> type:
     """The mixin of a pruning block that keeps whole spatial units, for the adapter's mixin ``cls``."""
     if cls is PrunedSequential:
         return PrunedUnits
-    if cls is PrunedPadded:
+    if cls is PrunedLayer:
         return PrunedUnitsPadded
     raise TypeError(f"pruneattn.patch: this block ({cls.__name__}) cannot keep whole units of patches")

@@ -37,7 +37,7 @@ def usage() -> str:
     from pruneattn import __version__
 
     width = max(len(c) for c in COMMANDS)
-    lines = [f"usage: pruneattn [-h] [--version] COMMAND [options]",
+    lines = ["usage: pruneattn [-h] [--version] COMMAND [options]",
              "",
              f"pruneattn {__version__}: attention-diversity token pruning for vision transformers.",
              "",

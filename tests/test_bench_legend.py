@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from pruneattn import bench
 from pruneattn.bench import legend

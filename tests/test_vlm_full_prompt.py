@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import pruneattn
 from model_reference import one_thread  # noqa: F401 (fixture)
-from vlm_processors import KINDS, case, images, inputs
+from vlm_processors import KINDS, case, inputs
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
 GREEDY = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)

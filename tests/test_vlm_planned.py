@@ -21,7 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import pruneattn
 from model_reference import one_thread  # noqa: F401 (fixture)
-from vlm_processors import KINDS, case, image_token, images, inputs, llava_processor, mrope, qwen_processor
+from vlm_processors import KINDS, case, image_token, inputs, llava_processor, mrope, qwen_processor
 
 pytestmark = pytest.mark.usefixtures("cpu_backend")
 

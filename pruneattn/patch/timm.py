@@ -30,7 +30,7 @@ from torch import nn
 
 from pruneattn._versions import release
 from pruneattn.ops import split_qkv
-from pruneattn.patch.blocks import BlockShape, Parallel, PrunedSequential, Sequential, attend
+from pruneattn.patch.blocks import BlockShape, PrunedSequential, Sequential
 from pruneattn.patch.masks import check_no_mask, key_mask
 from pruneattn.patch.positions import compose, paint, rotary_table
 from pruneattn.patch.prune import attention, check_traceable, prune_tokens

@@ -35,7 +35,9 @@ from pruneattn.patch.options import Options, check_fits
 from pruneattn.patch.plan import plan_encoder
 from pruneattn.patch.registry import VisionLanguage
 from pruneattn.patch.swap import swap
-from pruneattn.patch.vlm.call import CallerView, arguments, prepare, remember
+from pruneattn.patch.vlm.call import arguments, prepare
+from pruneattn.patch.vlm.continuation import remember
+from pruneattn.patch.vlm.layout import CallerView
 from pruneattn.patch.vlm.connectors import CONNECTORS
 from pruneattn.patch.vlm.features import SplitsKeptUnits
 from pruneattn.patch.vlm.generation import PrunedGeneration

@@ -12,7 +12,7 @@ and a prompt with placeholders for them. The number of placeholders says which p
   units' placeholders from every tensor that runs along it (:mod:`pruneattn.patch.vlm.layout`). The
   map from the caller's sequence to the model's (:class:`~pruneattn.patch.vlm.layout.CallerView`) is
   kept with the model's cache, so that a continuation written against the caller's sequence (its
-  full-length ids and mask) is mapped exactly.
+  full-length ids and mask) is mapped exactly (:mod:`pruneattn.patch.vlm.continuation`).
 - any other count is refused before any work, as the unpatched model refuses it.
 
 :func:`prepare` returns the model's call, or None where the call is the model's already.
@@ -20,22 +20,17 @@ and a prompt with placeholders for them. The number of placeholders says which p
 from __future__ import annotations
 
 import inspect
-import math
-import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pruneattn.patch.vlm.layout import CallerView, Shortening, expand, shorten_images, shorten_to
+from pruneattn.patch.vlm.checks import check_settings, images_of, placeholders, refuse_new_image
+from pruneattn.patch.vlm.continuation import cache_of, cached_length, continuation, view_of
+from pruneattn.patch.vlm.layout import ALONG, CallerView, expand, shorten_images, shorten_to
 from pruneattn.patch.vlm.positions import full_positions, take_rows, with_text_row
 from pruneattn.patch.vlm.tokens import VisionLanguagePlan
 
-# Tensors that run along the prompt (batch, tokens, ...), and what an added padding slot holds.
-ALONG = {"input_ids": None, "inputs_embeds": 0, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0,
-         "labels": -100}
-CACHES = ("cache", "past_key_values")
 
 
 @dataclass(frozen=True)
@@ -59,35 +54,6 @@ def arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return bound
 
 
-def cache_of(call: dict) -> object | None:
-    return next((call[n] for n in CACHES if call.get(n) is not None), None)
-
-
-def cached_length(cache: object | None) -> int:
-    return 0 if cache is None or not hasattr(cache, "get_seq_length") else int(cache.get_seq_length())
-
-
-# ----------------------------------------------------------------------------- caches and their views
-
-_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def remember(cache: object | None, view: CallerView) -> None:
-    """Keep ``view`` with ``cache`` (the model's cache of a shortened prompt) for later calls."""
-    if cache is not None:
-        try:
-            _VIEWS[cache] = view
-        except TypeError:  # a cache that takes no weak reference: continuations in the caller's terms refuse
-            pass
-
-
-def view_of(cache: object | None) -> CallerView | None:
-    try:
-        return None if cache is None else _VIEWS.get(cache)
-    except TypeError:
-        return None
-
-
 # ----------------------------------------------------------------------------- the call
 
 
@@ -108,16 +74,17 @@ def prepare(plan: VisionLanguagePlan, base: nn.Module, call: dict) -> Prepared |
     """The model's call for ``call`` (see the module docstring), or None where it needs no change."""
     pixels, features = call.get("pixel_values"), image_features(call)
     if pixels is None and features is None:
-        return _continuation(plan, call)
+        mapped = continuation(plan, call)
+        return None if mapped is None else Prepared(*mapped)
     if call.get("input_ids") is None and call.get("inputs_embeds") is None:
         return None  # the model says what it needs
-    _check_settings(plan, call)
-    images, given = feature_rows(features) if features is not None else (_images(plan, call, pixels), None)
+    check_settings(plan, call)
+    images, given = feature_rows(features) if features is not None else (images_of(plan, call, pixels), None)
     cache = cache_of(call)
     past = cached_length(cache)
     if past and view_of(cache) is not None:
-        _refuse_new_image(plan, cache, True)
-    is_image = _placeholders(plan, base, call, past)
+        refuse_new_image(plan, cache, True)
+    is_image = placeholders(plan, base, call, past)
     # One host read: how many placeholders (which prompt this is), and for fixed-size images whether a row
     # holds a part of an image (the prompt's rows are shortened image by image).
     per_row = is_image.sum(1)
@@ -145,7 +112,7 @@ def prepare(plan: VisionLanguagePlan, base: nn.Module, call: dict) -> Prepared |
     if full == kept:
         return None  # nothing pruned: the prompt is the model's as it is
     if past:
-        _refuse_new_image(plan, cache, found == full)
+        refuse_new_image(plan, cache, found == full)
         return None  # a planned image in a continuation: as for any model
     if found == kept:
         if plan.entry.positions != "mrope":
@@ -160,128 +127,6 @@ def prepare(plan: VisionLanguagePlan, base: nn.Module, call: dict) -> Prepared |
             f"that is not a whole number of images ({each} each); pass the processor's outputs as they are"
         )
     return _shortened(plan, base, call, features, is_image, units, full - kept)
-
-
-def _images(plan: VisionLanguagePlan, call: dict, pixels: torch.Tensor) -> int:
-    """How many images the call's pixels hold (raises where their shape does not fit the tower)."""
-    if plan.entry.grid is not None:
-        grid = call.get(plan.entry.grid)
-        if grid is None:
-            raise ValueError(f"pruneattn: pass the processor's {plan.entry.grid} with pixel_values")
-        return len(grid)
-    if plan.entry.stacked:  # (prompts, slots, ...): the images that are not all zeros, at least one
-        return max(1, int((pixels != 0).flatten(2).any(dim=2).sum()))
-    return pixels.shape[0]  # its shape checked with the call's settings
-
-
-def videos_refused(plan: VisionLanguagePlan) -> ValueError:
-    """The error for videos: the prompt handling reads image placeholders only (a video's frames are another
-    kind of placeholder, written frame by frame), so a patched model takes images only."""
-    return ValueError(
-        f"pruneattn: a patched {plan.entry.label} prunes image tokens; videos (pixel_values_videos) are not "
-        "supported. Unpatch the model (pruneattn.unpatch) for video prompts"
-    )
-
-
-def _check_settings(plan: VisionLanguagePlan, call: dict) -> None:
-    """Refuse per-call settings and inputs the patch was not made for, before any work."""
-    layer = call.get("vision_feature_layer")
-    if layer is not None:
-        layer = tuple(layer) if isinstance(layer, Sequence) else layer
-        if layer != plan.feature_layer:
-            raise ValueError(
-                f"pruneattn: this model was patched for vision_feature_layer={plan.feature_layer}; the call asks "
-                f"for {layer}. Patch it again after setting config.vision_feature_layer"
-            )
-    strategy = call.get("vision_feature_select_strategy")
-    if strategy is not None and strategy != plan.select_strategy:
-        raise ValueError(
-            f"pruneattn: this model was patched for vision_feature_select_strategy={plan.select_strategy!r}; the "
-            f"call asks for {strategy!r}. Patch it again after setting config.vision_feature_select_strategy"
-        )
-    sizes = call.get("image_sizes")
-    if plan.entry.grid is None and plan.entry.sizes != "image_sizes" and sizes is not None:
-        raise ValueError("pruneattn: image_sizes (images of several sizes in one tensor) is not supported for this model")
-    if call.get("pixel_values_videos") is not None:
-        raise videos_refused(plan)
-    pixels = call.get("pixel_values")
-    dims = 5 if plan.entry.stacked else 4
-    if pixels is not None and plan.entry.grid is None and (pixels.dim() != dims or pixels.shape[-3] != plan.channels):
-        shape = f"{'prompts, images' if plan.entry.stacked else 'images'}, {plan.channels}, height, width"
-        raise ValueError(
-            f"pruneattn: pixel_values must be ({shape}) for this model's vision tower, got {tuple(pixels.shape)}; pass "
-            "the processor's pixel_values"
-        )
-    if pixels is not None and plan.entry.sizes is not None:
-        _check_sizes(plan, call, pixels)
-    if pixels is not None and plan.image_size is not None and not call.get("interpolate_pos_encoding"):
-        if tuple(pixels.shape[-2:]) != (plan.image_size, plan.image_size):
-            raise ValueError(
-                f"pruneattn: pixel_values are {pixels.shape[-2]} x {pixels.shape[-1]} pixels; this model's vision "
-                f"tower takes {plan.image_size} x {plan.image_size}. Pass the processor's pixel_values"
-            )
-    if pixels is not None and plan.entry.grid is not None:
-        grid = call.get(plan.entry.grid)
-        if grid is not None and pixels.shape[0] != int(torch.as_tensor(grid).prod(-1).sum()):
-            raise ValueError(
-                f"pruneattn: pixel_values hold {pixels.shape[0]} patches where {plan.entry.grid} makes "
-                f"{int(torch.as_tensor(grid).prod(-1).sum())}; pass the processor's outputs as they are"
-            )
-    mask = call.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-        raise ValueError("pruneattn: pass the processor's 2-D attention_mask (batch, tokens), not a prepared 4-D mask")
-
-
-def _check_sizes(plan: VisionLanguagePlan, call: dict, pixels: torch.Tensor) -> None:
-    """Images of any size padded into one tensor: one size per image, each a whole number of units."""
-    sizes = call.get(plan.entry.sizes)
-    if sizes is None:
-        raise ValueError(f"pruneattn: pass the processor's {plan.entry.sizes} with pixel_values")
-    sizes = torch.as_tensor(sizes).tolist()
-    step = plan.patch_size * math.isqrt(plan.unit)
-    if len(sizes) != pixels.shape[0]:
-        raise ValueError(
-            f"pruneattn: {plan.entry.sizes} describes {len(sizes)} images, pixel_values hold {pixels.shape[0]}; pass "
-            "the processor's outputs as they are"
-        )
-    for h, w in sizes:
-        if h % step or w % step or h > pixels.shape[-2] or w > pixels.shape[-1]:
-            raise ValueError(
-                f"pruneattn: an image of {h} x {w} pixels is not a whole number of {step} x {step} pixel units within "
-                f"pixel_values of {pixels.shape[-2]} x {pixels.shape[-1]}; pass the processor's outputs as they are"
-            )
-
-
-def _placeholders(plan: VisionLanguagePlan, base: nn.Module, call: dict, past: int) -> torch.Tensor:
-    """(B, L) bool: the image placeholders of the call's prompt (from its ids, else its embeddings), in the
-    part the cache does not hold yet."""
-    ids = call.get("input_ids")
-    if ids is not None:
-        is_image = ids == plan.image_token_id
-    else:
-        embeds = call["inputs_embeds"]
-        image = base.get_input_embeddings()(torch.tensor(plan.image_token_id, device=embeds.device))
-        is_image = (embeds == image.to(embeds.dtype)).all(-1)
-    mask = call.get("attention_mask")
-    if past and isinstance(mask, torch.Tensor) and mask.shape[1] == is_image.shape[1]:
-        is_image = is_image[:, past:]
-    return is_image
-
-
-def _refuse_new_image(plan: VisionLanguagePlan, cache: object, full_prompt: bool) -> None:
-    """Images in a call that continues a cache: refused where a full prompt is involved (the cache holds a
-    shortened one, or the new image comes with the full count), and for M-RoPE models."""
-    if full_prompt:
-        raise ValueError(
-            "pruneattn: this call continues a cache with a new image written with the processor's full count of "
-            "image tokens; the model cannot shorten it in place. Plan the prompts with pruneattn.patch_processor "
-            "(then images in later turns work as for any model), or pass the whole conversation without a cache"
-        )
-    if plan.entry.positions == "mrope":
-        raise ValueError(
-            f"pruneattn: continuing a cache with a new image is not supported for {plan.entry.label}; pass the "
-            "whole conversation without a cache"
-        )
 
 
 def _run_tower(base: nn.Module, call: dict) -> object:
@@ -378,46 +223,3 @@ def _shortened(
             raise ValueError(f"pruneattn: position_ids must be (batch, tokens) for this model, got {tuple(positions.shape)}")
         out["position_ids"] = cut.positions(positions)
     return Prepared(out, CallerView(cut))
-
-
-def _continuation(plan: VisionLanguagePlan, call: dict) -> Prepared | None:
-    """A call without images that continues a cache: mapped onto the model's sequence where the cache
-    holds a shortened prompt and the call is written against the caller's; refused where the call's
-    mask cannot belong to the model's cache."""
-    cache = cache_of(call)
-    past = cached_length(cache)
-    ids = call.get("input_ids", call.get("inputs_embeds"))
-    mask = call.get("attention_mask")
-    if not past or ids is None:
-        return None
-    given = isinstance(mask, torch.Tensor) and mask.dim() == 2
-    view = view_of(cache)
-    if view is None:
-        if given and ids.shape[1] < mask.shape[1] and mask.shape[1] != past + ids.shape[1]:
-            raise ValueError(
-                f"pruneattn: the attention mask covers {mask.shape[1]} tokens, but the cache holds {past} and the call "
-                f"adds {ids.shape[1]}: it counts a prompt this model shortened. Continue with the cache that call "
-                "returned (pruneattn maps it), or plan the prompts with pruneattn.patch_processor"
-            )
-        return None
-    if call.get("position_ids") is not None:
-        raise ValueError(
-            "pruneattn: this call continues a cache of a shortened prompt and passes position_ids written against "
-            "the caller's sequence; pass none (the model continues its own), or plan the prompts with "
-            "pruneattn.patch_processor"
-        )
-    length = mask.shape[1] if given else ids.shape[1]
-    out = dict(call)
-    if not given and length <= past:
-        return Prepared(out, view)  # only new tokens and no mask: nothing written against the caller's sequence
-    for name, fill in ALONG.items():
-        t = call.get(name)
-        if t is not None and t.shape[1] == length:
-            out[name] = view.to_model(t, plan.pad_token_id if fill is None else fill)
-    if given and ids.shape[1] < length and out["attention_mask"].shape[1] != past + ids.shape[1]:
-        raise ValueError(
-            f"pruneattn: the attention mask covers {length} tokens of the conversation as the caller wrote it, "
-            f"{out['attention_mask'].shape[1]} of the model's, but the cache holds {past} and the call adds "
-            f"{ids.shape[1]}; pass the mask of the whole conversation so far"
-        )
-    return Prepared(out, view)

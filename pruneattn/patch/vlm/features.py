@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from pruneattn.patch.swap import Swapped
-from pruneattn.patch.vlm.call import videos_refused
+from pruneattn.patch.vlm.checks import videos_refused
 
 try:  # transformers: how the model's own method takes modality-prefixed arguments
     from transformers.utils.generic import accepts_precomputed_kwargs

@@ -29,7 +29,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerationMixin
 
 from pruneattn.patch.swap import Swapped
-from pruneattn.patch.vlm.call import CACHES, prepare, remember
+from pruneattn.patch.vlm.call import prepare
+from pruneattn.patch.vlm.continuation import CACHES, remember
 from pruneattn.patch.vlm.scope import already_read, model_terms
 
 @dataclass(frozen=True)

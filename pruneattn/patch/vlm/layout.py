@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Tensors that run along the prompt (batch, tokens, ...), and what an added padding slot holds.
+ALONG = {"input_ids": None, "inputs_embeds": 0, "attention_mask": 0, "token_type_ids": 0, "mm_token_type_ids": 0,
+         "labels": -100}
+
 
 @dataclass(frozen=True)
 class Shortening:

@@ -304,6 +304,13 @@ def test_processor_refusals_touch_nothing():
     with pytest.raises(ValueError, match="writes 17 image tokens per image where this LlavaForConditionalGeneration"):
         pruneattn.patch_processor(other, model)
     assert type(other).__mro__[0].__name__ == "LlavaProcessor" and "_pruneattn_tokens" not in other.__dict__
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    finer = LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                           processor.tokenizer, patch_size=4, vision_feature_select_strategy="default",
+                           num_additional_image_tokens=1)  # 64 patches per image where the tower makes 16
+    with pytest.raises(ValueError, match="writes 64 image tokens per image where this LlavaForConditionalGeneration"):
+        pruneattn.patch_processor(finer, model)
     qwen = qwen_processor()
     with pytest.raises(ValueError, match="image token .* different models"):
         pruneattn.patch_processor(qwen, model)

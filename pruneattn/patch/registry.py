@@ -390,6 +390,7 @@ class VisionLanguage:
     # the tokens around the runs stay. "rows": an image's placeholders come in rows of its unit grid, each row
     # followed by one layout token; the kept ones are laid out as the processor lays out that many
     placeholder: str = "image_token"  # the processor's attribute (path) holding the placeholder the model reads
+    tiles: bool = False  # its processor splits an image into tiles of the tower's size, each taking its own run
 
 
 _TILES = ("each tile (the thumbnail or whole-image view too) keeps k of its units; the tags around its "
@@ -426,6 +427,7 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         "OpenGVLab/InternVL3-*-hf, InternVL3.5-*-HF (whole 2 x 2 pixel-shuffle groups pruned per 448 px tile in the "
         f"feature layer, k per tile; {_TILES})",
         feature_layer="vision_feature_layer", select_strategy="vision_feature_select_strategy", connector="internvl",
+        tiles=True,
     ),
     VisionLanguage(
         "Hugging Face Gemma 3", "transformers", ("Gemma3ForConditionalGeneration", "Gemma3Model"), "Gemma3Model",
@@ -448,13 +450,13 @@ VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
         ("Hugging Face Idefics3 / SmolVLM vision",),
         "HuggingFaceTB/SmolVLM-*, SmolVLM2-* (whole pixel-shuffle groups pruned per tile in the tower's last block, "
         f"k per tile; {_TILES})",
-        tower="vision_model", connector="pixel_shuffle", stacked=True,
+        tower="vision_model", connector="pixel_shuffle", stacked=True, tiles=True,
     ),
     VisionLanguage(
         "Hugging Face Idefics3", "transformers", ("Idefics3ForConditionalGeneration", "Idefics3Model"),
         "Idefics3Model", ("Hugging Face Idefics3 / SmolVLM vision",),
         f"HuggingFaceM4/Idefics3-8B-Llama3 (as SmolVLM: whole pixel-shuffle groups per tile, k per tile; {_TILES})",
-        tower="vision_model", connector="pixel_shuffle", stacked=True,
+        tower="vision_model", connector="pixel_shuffle", stacked=True, tiles=True,
     ),
     VisionLanguage(
         "Hugging Face Qwen3-VL", "transformers", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"), "Qwen3VLModel",

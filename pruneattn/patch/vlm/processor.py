@@ -127,7 +127,7 @@ def _tile(processor: object, plan: VisionLanguagePlan, model: nn.Module) -> int 
         full = original_class(processor)._get_num_multimodal_tokens(processor, image_sizes=size)["num_image_tokens"][0]
     except (AttributeError, KeyError, TypeError):
         return tile  # the processor cannot say; the model checks every prompt it gets
-    if full % tile:
+    if full % tile or (full != tile and not plan.entry.tiles):
         raise ValueError(
             f"pruneattn.patch_processor: the processor writes {full} image tokens per image where this "
             f"{type(model).__name__}'s tower yields {tile} per tile (check the processor's patch_size, image_seq_length, "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pruneattn.ops import AttentionStats, attention_stats, select_per_image, select_tokens, valid_after
 from pruneattn.patch.state import BlockConfig, current
-from pruneattn.validate import kept_of_rate, kept_per_image
+from pruneattn.validate import kept_per_image
 
 
 def check_traceable(x: object) -> None:
@@ -43,16 +43,15 @@ def check_traceable(x: object) -> None:
         )
 
 
-def kept_count(cfg: BlockConfig, num_patches: int) -> int:
-    """How many of the block's ``num_patches`` patches it keeps: ``tokens``, or ceil(keep_rate * P)."""
-    if cfg.tokens is None:
-        return kept_of_rate(num_patches, cfg.keep_rate)  # checked by patch
-    if cfg.tokens > num_patches:
+def block_kept(cfg: BlockConfig, num_patches: int) -> int:
+    """How many of the block's ``num_patches`` patches it keeps (:meth:`BlockConfig.kept`), where all images
+    have them all: ``tokens`` above that count is refused, not cut."""
+    if cfg.tokens is not None and cfg.tokens > num_patches:
         raise ValueError(
             f"pruneattn: block {cfg.layer} was told to keep tokens={cfg.tokens} patches but its input has only "
             f"{num_patches}; patch with a smaller tokens= (or keep_rate=) for this input size"
         )
-    return cfg.tokens
+    return cfg.kept(num_patches)
 
 
 def attention(
@@ -137,7 +136,7 @@ def prune_tokens(cfg: BlockConfig, x: torch.Tensor, stats: AttentionStats) -> to
         if state is not None:
             state.kept[cfg.layer] = torch.arange(P, device=x.device).expand(B, P)
         return x
-    k = kept_count(cfg, P)
+    k = block_kept(cfg, P)
     if B == 0:
         kept_idx = torch.empty((0, k), dtype=torch.int64, device=x.device)
         kept = x[:, : cfg.num_prefix + k + int(cfg.mode == "fuse")]

@@ -27,7 +27,7 @@ from pruneattn.ops import select_per_image, select_tokens
 from pruneattn.patch.blocks import PrunedSequential
 from pruneattn.patch.hf import PrunedLayer, TakesCallMask
 from pruneattn.patch.masks import mask_like, padding_of
-from pruneattn.patch.prune import kept_count, selection_scores
+from pruneattn.patch.prune import block_kept, selection_scores
 from pruneattn.patch.state import BlockConfig, current
 from pruneattn.validate import kept_per_image
 
@@ -114,7 +114,7 @@ def prune_units(cfg: BlockConfig, x: torch.Tensor, stats, valid: torch.Tensor | 
         units = x[:, p:].reshape(B, U, g * C)
         scores = selection_scores(cfg, stats, B, U)
         if real is None:
-            units, kept = select_tokens(units, scores, k=kept_count(cfg, U), num_prefix=0)
+            units, kept = select_tokens(units, scores, k=block_kept(cfg, U), num_prefix=0)
         else:  # one host read per pruning block: each image's kept count
             counts = kept_per_image(real, 0, keep_rate=cfg.keep_rate if cfg.tokens is None else None, k=cfg.tokens)
             units, kept = select_per_image(units, scores, counts, num_prefix=0, fuse_weights=None, valid=real)

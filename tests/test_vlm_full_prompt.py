@@ -192,3 +192,21 @@ def test_length_limits_count_the_callers_prompt(kind):
     assert by_length.shape[1] == L + 3
     assert default.shape[1] == L + 20  # generate's default: 20 new tokens, whatever the prompt
     assert torch.equal(default[:, : L + 3], by_length)
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")
+def test_a_prompt_given_as_embeddings_generates_as_its_ids():
+    """``generate`` from embeddings returns the new tokens only, as for any model; they are the ones the ids
+    give, and ``max_length`` counts the caller's prompt there too."""
+    model, processor, texts, pictures = case("llava")
+    pruneattn.patch(model, tokens=5)
+    call = inputs(processor, texts, pictures)
+    embeds = model.get_input_embeddings()(call["input_ids"])
+    rest = {"attention_mask": call["attention_mask"], "pixel_values": call["pixel_values"]}
+    L = call["input_ids"].shape[1]
+    with torch.no_grad():
+        want = model.generate(**call, **GREEDY)[:, L:]
+        got = model.generate(inputs_embeds=embeds, **rest, **GREEDY)
+        limited = model.generate(inputs_embeds=embeds, **rest, max_length=L + 2, do_sample=False)
+    assert torch.equal(got, want)
+    assert limited.shape == (2, 2)

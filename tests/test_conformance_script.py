@@ -117,3 +117,49 @@ def test_report(runs):
     text = conformance.markdown(results)
     assert "| fake | `tests/test_fake.py` | 6 | 3 | 2 | 1 | 2 | 0.5 |" in text
     assert "test_blocks_are_plain` (failed)" in text
+
+
+QWEN_TOWER = textwrap.dedent(
+    '''
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+
+    def test_tower_without_full_attention_block():  # as transformers' Qwen2.5-VL test builds it
+        config = Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2,
+                             rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=37, out_hidden_size=32,
+                               patch_size=14, spatial_merge_size=1, temporal_patch_size=2),
+            image_token_id=60, video_token_id=61, vision_start_token_id=62)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        assert list(model.model.visual.config.fullatt_block_indexes) == [1]
+    '''
+)
+
+
+@pytest.mark.parametrize("settings", [(), ("tower_full_attention",)])
+def test_setting_a_full_attention_block_in_both_runs(tmp_path, settings):
+    """``tower_full_attention`` gives transformers' Qwen2.5-VL test tower a full-attention block, unpatched
+    and patched alike, so the patched run patches it; without it the patched run is refused."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_qwen.py").write_text(QWEN_TOWER, encoding="utf-8")
+    suite = conformance.Suite("qwen", "transformers", "tests/test_qwen.py", settings=settings)
+    runs = {mode: conformance.run(suite, tmp_path, mode, tmp_path / f"{mode}.jsonl", timeout=600)
+            for mode in ("unpatched", "patched")}
+    ((_, unpatched),), ((_, patched),) = runs["unpatched"].outcomes.items(), runs["patched"].outcomes.items()
+    if settings:
+        assert unpatched["outcome"] == patched["outcome"] == "passed", (unpatched, patched)
+        assert patched["patched_models"] >= 1
+    else:  # the default indexes (7, 15, 23, 31) lie beyond a 2-block tower: the assert fails, patch refuses
+        assert unpatched["outcome"] == "failed" and patched["outcome"] == "failed"
+        assert "pruneattn" in patched["message"], patched
+
+
+def test_report_names_a_suite_setting():
+    results = {"date": "2026-01-01 00:00", "machine": {"platform": "linux", "cpus": 2}, "minutes": 1.0,
+               "versions": {}, "sources": {}, "suites": [
+                   {"name": "q", "file": "t.py", "settings": ["tower_full_attention"], "tests": 1,
+                    "unpatched": {"passed": 1}, "patched": {"passed": 1}, "tests_with_patched_model": 1,
+                    "minutes": 0.1, "patched_only": []}]}
+    assert f"| q | `t.py` ({conformance.SETTINGS['tower_full_attention']}) | 1 |" in conformance.markdown(results)

@@ -51,12 +51,15 @@ ARCHIVE = "https://codeload.github.com/huggingface/transformers/tar.gz/refs/tags
 
 @dataclass(frozen=True)
 class Suite:
-    """One test file of a project, optionally with only the node ids matching ``select`` (fnmatch)."""
+    """One test file of a project, optionally with only the node ids matching ``select`` (fnmatch), and
+    with ``settings``: names of the plugin's adjustments to the models the tests build, made in both the
+    unpatched and the patched run (see ``tools/conformance_plugin.py``)."""
 
     name: str
     project: str  # "transformers" or "timm"
     file: str  # relative to the project's source root
     select: tuple[str, ...] | None = None
+    settings: tuple[str, ...] = ()
 
 
 _HF = {  # suite name -> model test directory, for the families pruneattn patches
@@ -86,9 +89,17 @@ def model_patterns(models: tuple[str, ...]) -> tuple[str, ...]:
 
 def suites(timm_models: tuple[str, ...] = TIMM_MODELS) -> list[Suite]:
     hf = [Suite(name, "transformers", f"tests/models/{d}/test_modeling_{d}.py") for name, d in _HF.items()]
+    # transformers' Qwen2.5-VL test tower has no full-attention block (so nothing can be patched): run the
+    # file again with its last block attending to the whole image, as in every released checkpoint.
+    hf.append(Suite("qwen2_5_vl_full_attention", "transformers", "tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py",
+                    settings=("tower_full_attention",)))
     select = model_patterns(timm_models) + ("*::test_naflexvit_*", "*::test_vit_*", "*::test_hybrid_vit_*",
                                             "*::test_eva_*")
     return hf + [Suite("timm", "timm", "tests/test_models.py", select)]
+
+
+# What each of the plugin's settings does, for the report.
+SETTINGS = {"tower_full_attention": "the tower's last block attends to the whole image, in both runs"}
 
 
 # ----------------------------------------------------------------------------- sources
@@ -212,6 +223,7 @@ def run(suite: Suite, root: Path, mode: str, log: Path, *, workers: int = 1, tim
     env.pop("TRITON_INTERPRET", None)  # pruneattn's CPU path, as a user's CPU run takes it
     if suite.select is not None:
         env["PRUNEATTN_CONFORMANCE_SELECT"] = json.dumps(list(suite.select))
+    env["PRUNEATTN_CONFORMANCE_SETTINGS"] = ",".join(suite.settings)
     cmd = [sys.executable, "-m", "pytest", suite.file, "-p", "tools.conformance_plugin", "-q", "-rN",
            "-p", "no:cacheprovider", "--rootdir", str(root), *(["-n", str(workers)] if workers > 1 else []), *extra]
     start = time.perf_counter()
@@ -267,6 +279,10 @@ def machine() -> dict[str, object]:
             "cpus": os.cpu_count()}
 
 
+def _settings(suite: dict) -> str:
+    return "".join(f" ({SETTINGS[name]})" for name in suite.get("settings", ()))
+
+
 def markdown(results: dict) -> str:
     """The report: versions, sources, per-file counts, then every patched-only failure."""
     lines = ["# Conformance: other projects' tests on patched models (keep rate 1.0)", "",
@@ -280,7 +296,7 @@ def markdown(results: dict) -> str:
     for s in results["suites"]:
         u, p = s["unpatched"], s["patched"]
         note = " (timed out)" if s.get("timed_out") else ""
-        lines.append(f"| {s['name']} | `{s['file']}` | {s['tests']} | {u['passed']} | {p['passed']} | "
+        lines.append(f"| {s['name']} | `{s['file']}`{_settings(s)} | {s['tests']} | {u['passed']} | {p['passed']} | "
                      f"{len(s['patched_only'])}{note} | {s['tests_with_patched_model']} | {s['minutes']:.1f} |")
     lines += ["", "## Patched-only failures", ""]
     failures = [(s["name"], f) for s in results["suites"] for f in s["patched_only"]]
@@ -335,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {mode: run(suite, roots[suite.project], mode, logs / f"{suite.name}-{mode}.jsonl", workers=args.workers,
                           timeout=args.timeout, paths=paths[suite.project]) for mode in ("unpatched", "patched")}
         failures = patched_only(runs["unpatched"], runs["patched"])
-        entry = {"name": suite.name, "file": suite.file, "tests": len(runs["unpatched"].outcomes),
+        entry = {"name": suite.name, "file": suite.file, "settings": list(suite.settings),
+                 "tests": len(runs["unpatched"].outcomes),
                  "unpatched": runs["unpatched"].counts(), "patched": runs["patched"].counts(),
                  "tests_with_patched_model": sum(1 for r in runs["patched"].outcomes.values() if r.get("patched_models")),
                  "timed_out": any(r.timed_out for r in runs.values()),

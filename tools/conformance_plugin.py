@@ -6,6 +6,9 @@ Loaded with ``-p tools.conformance_plugin`` (the repository root on ``sys.path``
 - ``PRUNEATTN_CONFORMANCE``: ``patched`` (patch) or ``unpatched`` (record only, the baseline run).
 - ``PRUNEATTN_CONFORMANCE_LOG``: a JSON-lines file; one line per test: node id, outcome (passed, failed,
   error, skipped), the failure's last line, and how many models the test had patched.
+- ``PRUNEATTN_CONFORMANCE_SETTINGS``: optional comma-separated adjustments of the models the tests build,
+  made in both modes: ``tower_full_attention`` gives a Qwen2.5-VL vision tower whose full-attention blocks
+  all lie beyond its depth (transformers' test tower) its last block as its full-attention block.
 - ``PRUNEATTN_CONFORMANCE_SELECT``: optional JSON list of ``fnmatch`` patterns over node ids; other tests
   are deselected (for test files parametrized over thousands of models, such as timm's).
 
@@ -24,6 +27,7 @@ import os
 import pytest
 
 MODE = os.environ.get("PRUNEATTN_CONFORMANCE", "unpatched")
+SETTINGS = frozenset(filter(None, os.environ.get("PRUNEATTN_CONFORMANCE_SETTINGS", "").split(",")))
 _patched = [0]  # models patched during the running test
 _worker = [False]  # this process is a pytest-xdist worker (its controller writes the log)
 
@@ -76,8 +80,26 @@ def _install_timm() -> None:
         module.create_model = create_model
 
 
+def _install_tower_full_attention() -> None:
+    """A Qwen2.5-VL tower built with no full-attention block within its depth gets its last block as one."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+    tower = qwen.Qwen2_5_VisionTransformerPretrainedModel
+    init = tower.__init__
+
+    @functools.wraps(init)
+    def __init__(self, config, *args, **kwargs):
+        if not any(0 <= i < config.depth for i in config.fullatt_block_indexes):
+            config.fullatt_block_indexes = [config.depth - 1]
+        init(self, config, *args, **kwargs)
+
+    tower.__init__ = __init__
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _worker[0] = hasattr(config, "workerinput")
+    if "tower_full_attention" in SETTINGS:
+        _install_tower_full_attention()
     if MODE == "patched":
         _install_transformers()
         _install_timm()

@@ -178,17 +178,46 @@ def test_layout_tokens_of_the_planned_prompts():
     assert planned[0].tolist() == [5, 86, 86, 86, 86, 88, 6]  # one whole row: no [IMG_BREAK]
 
 
-def test_processor_counts_per_tile_and_per_image():
-    model, processor, texts, pictures = case("internvl")
+@pytest.mark.parametrize("kind", ["internvl", "idefics3"])
+def test_processor_counts_per_tile_and_per_image(kind):
+    """The counts a serving engine asks a patched processor for: each tile's 16 placeholders become the
+    kept 5, and what the release counts around them (image start and end tokens, tile tags: counted before
+    transformers 5.25) stays; checked against the prompts the processor writes."""
+    from vlm_processors import images
+
+    model, processor, texts, pictures = case(kind)
+    sizes = [(32, 32), (40, 64)]
+
+    def written() -> list[int]:  # image tokens in the prompt of one image of each size
+        return [int((inputs(processor, texts[:1], images(size))["input_ids"] == IMAGE_TOKEN[kind]).sum())
+                for size in sizes]
+
+    def counted() -> list[int]:
+        return processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in sizes])["num_image_tokens"]
+
+    full_written, full_counted = written(), counted()
     pruneattn.patch(model, tokens=5)
     pruneattn.patch_processor(processor, model)
-    count = processor._get_num_multimodal_tokens(image_sizes=[[32, 32], [40, 64]])["num_image_tokens"]
-    assert count == [5, 15]  # one tile; two crops and the thumbnail
+    planned_written = written()
+    assert planned_written == [n // 16 * 5 for n in full_written]
+    if kind == "internvl":
+        assert full_written == [16, 48]  # one tile; two crops and the thumbnail
+    assert [c - w for c, w in zip(counted(), planned_written)] == [c - w for c, w in zip(full_counted, full_written)]
     assert pruneattn.image_tokens(model).kept(16) == 5
+
+
+def test_processor_counts_of_other_families():
     model, processor, texts, pictures = case("mistral3")
     pruneattn.patch(model, keep_rate=0.5)
     pruneattn.patch_processor(processor, model)
-    assert processor._get_num_multimodal_tokens(image_sizes=[[24, 32]])["num_image_tokens"] == [6]  # of 12 units
+    import transformers
+    from pruneattn._versions import release
+
+    if release(transformers.__version__) < (5, 25):  # the count includes 3 [IMG_BREAK] / [IMG_END]: refused
+        with pytest.raises(NotImplementedError, match="include its row-break tokens"):
+            processor._get_num_multimodal_tokens(image_sizes=[[24, 32]])
+    else:
+        assert processor._get_num_multimodal_tokens(image_sizes=[[24, 32]])["num_image_tokens"] == [6]  # of 12
 
 
 # ----------------------------------------------------------------------------- refusals, before any change

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from pruneattn._versions import installed, release
 from pruneattn.patch.swap import Swapped, original_class, swap
 from pruneattn.patch.vlm.tokens import ImageTokens, VisionLanguagePlan
 
@@ -33,10 +34,16 @@ class ProcessorPlan:
     tile: int | None  # placeholders of one tile (fixed-size towers); None: each image has its own count
     layout: str  # the registry entry's layout: "tiles" or "rows"
 
-    def count(self, full: int) -> int:
-        """The kept count of an image (all its tiles) that the unpatched processor gives ``full`` placeholders."""
+    def count(self, full: int, tiles: int | None = None) -> int:
+        """The kept count of an image (all its tiles) that the unpatched processor gives ``full`` placeholders.
+
+        ``tiles``: the image's tile count where the processor gives it; then ``full`` may also count tokens
+        around the tiles' placeholders (image start and end tokens, tile tags: transformers releases before
+        5.25 count them), which stay as they are."""
         if self.tile is None:
             return self.tokens.planned(full)
+        if tiles is not None and 0 < tiles * self.tile <= full:
+            return full - tiles * self.tile + tiles * self.tokens.planned(self.tile)
         if full % self.tile:
             raise ValueError(
                 f"pruneattn: this processor writes {full} image tokens for an image, not a whole number of tiles of "
@@ -74,9 +81,23 @@ class PlansImageTokens(Swapped):
     def _get_num_multimodal_tokens(self, *args, **kwargs):
         data = super()._get_num_multimodal_tokens(*args, **kwargs)
         counts = getattr(data, "num_image_tokens", None)
+        if counts is not None and self._pruneattn_tokens.layout == "rows" and _counts_layout_tokens():
+            raise NotImplementedError(
+                f"pruneattn: with transformers {installed('transformers')}, this {type(self).__name__}'s counts of "
+                "image tokens include its row-break tokens, which pruneattn cannot plan from the count alone; "
+                "transformers 5.25 and later count the placeholders only (pip install -U transformers). Its "
+                "prompts (processor(text=..., images=...)) are planned with any release."
+            )
         if counts is not None:
-            data.num_image_tokens = [self._pruneattn_tokens.count(n) for n in counts]
+            tiles = getattr(data, "num_image_patches", None) or [None] * len(counts)
+            data.num_image_tokens = [self._pruneattn_tokens.count(n, t) for n, t in zip(counts, tiles)]
         return data
+
+
+def _counts_layout_tokens() -> bool:
+    """Whether the installed transformers' processors count an image's layout tokens (start and end,
+    tile tags, row breaks) with its placeholders in ``_get_num_multimodal_tokens`` (releases before 5.25)."""
+    return release(installed("transformers") or "0") < (5, 25)
 
 
 def model_plan(model: nn.Module) -> VisionLanguagePlan:
@@ -122,6 +143,16 @@ def _tile(processor: object, plan: VisionLanguagePlan, model: nn.Module) -> int 
             )
         return None
     tile = plan.tokens.full((plan.image_size // plan.patch_size) ** 2 // plan.unit)
+    per_tile = next((v for v in (getattr(processor, a, None) for a in ("image_seq_length", "image_seq_len"))
+                     if isinstance(v, int)), None)
+    if plan.entry.tiles and per_tile is not None:  # a tiling processor's own count of placeholders per tile
+        if per_tile != tile:
+            raise ValueError(
+                f"pruneattn.patch_processor: the processor writes {per_tile} image tokens per tile where this "
+                f"{type(model).__name__}'s tower yields {tile} (check the processor's image_seq_length against the "
+                "model's config)"
+            )
+        return tile
     size = [[plan.image_size, plan.image_size]]
     try:
         full = original_class(processor)._get_num_multimodal_tokens(processor, image_sizes=size)["num_image_tokens"][0]

@@ -115,7 +115,7 @@ def test_report(runs):
                            "patched": patched.counts(), "tests_with_patched_model": 2, "minutes": 0.5,
                            "patched_only": conformance.patched_only(unpatched, patched)}]}
     text = conformance.markdown(results)
-    assert "| fake | `tests/test_fake.py` | 6 | 3 | 2 | 1 | 2 | 0.5 |" in text
+    assert "| fake | `tests/test_fake.py` | 6 | 3 | 2 | 1 | 2 | 0.5 | ?, 2026-01-01 00:00 |" in text
     assert "test_blocks_are_plain` (failed)" in text
 
 
@@ -163,3 +163,25 @@ def test_report_names_a_suite_setting():
                     "unpatched": {"passed": 1}, "patched": {"passed": 1}, "tests_with_patched_model": 1,
                     "minutes": 0.1, "patched_only": []}]}
     assert f"| q | `t.py` ({conformance.SETTINGS['tower_full_attention']}) | 1 |" in conformance.markdown(results)
+
+
+def test_update_replaces_the_suites_run_again():
+    def report(pruneattn, date, suites, torch="2.14.1"):
+        return {"date": date, "machine": {"platform": "linux", "cpus": 2}, "minutes": 0.0, "sources": {"timm": "x"},
+                "versions": {"torch": torch, "pruneattn": pruneattn},
+                "suites": [{"name": n, "file": f"{n}.py", "tests": t, "unpatched": {"passed": t},
+                            "patched": {"passed": t}, "tests_with_patched_model": t, "minutes": 1.0,
+                            "patched_only": []} for n, t in suites]}
+    old = report("aaa", "2026-01-01 00:00", [("a", 1), ("b", 2)])
+    new = report("bbb", "2026-01-02 00:00", [("b", 3), ("c", 4)])
+    for suite in new["suites"]:
+        suite.update(pruneattn="bbb", date="2026-01-02 00:00")
+    merged = conformance.updated(old, new)
+    assert [(s["name"], s["tests"], s["pruneattn"], s["date"]) for s in merged["suites"]] == [
+        ("a", 1, "aaa", "2026-01-01 00:00"), ("b", 3, "bbb", "2026-01-02 00:00"), ("c", 4, "bbb", "2026-01-02 00:00")]
+    assert merged["minutes"] == 3.0
+    text = conformance.markdown(merged)
+    assert "| a | `a.py` | 1 | 1 | 1 | 0 | 1 | 1.0 | aaa, 2026-01-01 00:00 |" in text
+    assert "| b | `b.py` | 3 | 3 | 3 | 0 | 3 | 1.0 | bbb, 2026-01-02 00:00 |" in text
+    with pytest.raises(SystemExit, match="other versions of torch"):
+        conformance.updated(old, report("bbb", "2026-01-02 00:00", [("b", 3)], torch="2.15.0"))

@@ -103,6 +103,12 @@ def test_get_image_features_of_a_patched_qwen_splits_the_kept_units(kind):
                              mm_encoder_outputs={"image": got})
         direct = model(**call)
     torch.testing.assert_close(planned_like.logits, direct.logits, rtol=0, atol=0)
+    with torch.no_grad():  # return_dict as the model's own method takes it: from the call, else the config
+        as_tuple = model.get_image_features(call["pixel_values"], call["image_grid_thw"], return_dict=False)
+        model.config.return_dict = False
+        from_config = model.model.get_image_features(call["pixel_values"], call["image_grid_thw"])
+    for out in (as_tuple, from_config):
+        assert isinstance(out, tuple) and [f.shape for f in out[1]] == [f.shape for f in got.pooler_output]
 
 
 def test_a_mask_that_counts_a_shortened_prompt_needs_the_cache_that_holds_it():
@@ -210,3 +216,29 @@ def test_a_prompt_given_as_embeddings_generates_as_its_ids():
         limited = model.generate(inputs_embeds=embeds, **rest, max_length=L + 2, do_sample=False)
     assert torch.equal(got, want)
     assert limited.shape == (2, 2)
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["full-prompt", "planned"])
+def test_compiled_forward_generates_as_eager_and_compiles_once(planned):
+    """``model.forward`` compiled whole (fullgraph, as transformers' compile tests do): the base model's
+    hooks run inside the compiled region and keep their per-call state there without recompiling."""
+    model, processor, texts, pictures = case("llava")
+    pruneattn.patch(model, tokens=4)
+    if planned:
+        pruneattn.patch_processor(processor, model)
+    call = inputs(processor, texts[:1], pictures[:1])
+    with torch.no_grad():
+        want_logits = model(**call).logits
+    want = model.generate(**call, **GREEDY)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="eager", dynamic=False)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            first, again = model(**call).logits, model(**call).logits
+        got = model.generate(**call, **GREEDY)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    torch.testing.assert_close(first, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, want_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, want)

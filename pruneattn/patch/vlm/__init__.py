@@ -25,20 +25,19 @@ Every family goes one path:
 from __future__ import annotations
 
 import gc
-from contextvars import ContextVar
 from dataclasses import replace
 
 from torch import nn
 
 from pruneattn.patch import registry, unpatch
+from pruneattn.patch.context import CallLocal
 from pruneattn.patch.options import Options, check_fits
 from pruneattn.patch.plan import plan_encoder
 from pruneattn.patch.registry import VisionLanguage
 from pruneattn.patch.swap import swap
 from pruneattn.patch.vlm.call import arguments, prepare
-from pruneattn.patch.vlm.continuation import remember
-from pruneattn.patch.vlm.layout import CallerView
 from pruneattn.patch.vlm.connectors import CONNECTORS
+from pruneattn.patch.vlm.continuation import remember
 from pruneattn.patch.vlm.features import SplitsKeptUnits
 from pruneattn.patch.vlm.generation import PrunedGeneration
 from pruneattn.patch.vlm.scope import already_read, enter, leave
@@ -193,8 +192,9 @@ def patch(model: nn.Module, entry: VisionLanguage, options: Options) -> nn.Modul
 
 # ----------------------------------------------------------------------------- forward hooks
 
-# One entry per running forward of a patched model (innermost last): what ``_read`` changed, for ``_done``.
-_FORWARDS: ContextVar[tuple[tuple[object, CallerView | None], ...]] = ContextVar("pruneattn_vlm_forwards", default=())
+# One entry per running forward of a patched model (innermost last): [scope token, token of this
+# stack before it, the call's view or None], for ``_done``.
+_FORWARDS: CallLocal[tuple[list, ...]] = CallLocal("pruneattn_vlm_forwards", default=())
 
 
 def _read(module: nn.Module, args: tuple, kwargs: dict):
@@ -202,21 +202,20 @@ def _read(module: nn.Module, args: tuple, kwargs: dict):
     entry is pushed first: the forward hook pops it even where reading the call raises."""
     base = module.__dict__.get("_pruneattn_base", module)
     done = already_read(base)
-    token = enter(base)
-    _FORWARDS.set(_FORWARDS.get() + ((token, None),))
+    entry = [enter(base), None, None]
+    entry[1] = _FORWARDS.set((*_FORWARDS.get(), entry))
     prepared = None if done else prepare(base._pruneattn_vlm, base, arguments(module, args, kwargs))
     if prepared is None:
         return None
-    *rest, _ = _FORWARDS.get()
-    _FORWARDS.set((*rest, (token, prepared.view)))
+    entry[2] = prepared.view
     return (), prepared.call
 
 
 def _done(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
     """Forward hook (also after an error): the call's map goes with the cache it returns."""
-    *rest, (token, view) = _FORWARDS.get()
-    _FORWARDS.set(tuple(rest))
-    leave(token)
+    scope, before, view = _FORWARDS.get()[-1]
+    _FORWARDS.reset(before)
+    leave(scope)
     if view is not None and output is not None:
         cache = getattr(output, "cache", None)
         remember(cache if cache is not None else getattr(output, "past_key_values", None), view)

@@ -7,6 +7,7 @@ the model's video prompts do not expect. Everything else is the model's.
 from __future__ import annotations
 
 import torch
+from transformers.utils.generic import can_return_tuple
 
 from pruneattn.patch.swap import Swapped
 from pruneattn.patch.vlm.checks import videos_refused
@@ -39,13 +40,12 @@ class SplitsKeptUnits(Swapped):
     keeps_name = True
 
     @accepts_precomputed_kwargs(modality="image")
+    @can_return_tuple  # return_dict from the call, else the config's, as the model's own method
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs):
         plan = self._pruneattn_vlm
         tower = getattr(self, plan.entry.tower)
-        return_dict = kwargs.pop("return_dict", True)
         output = tower(pixel_values.type(tower.dtype), grid_thw=image_grid_thw, return_dict=True, **kwargs)
-        output = split_per_image(output, image_grid_thw, plan.unit)
-        return output if return_dict else output.to_tuple()
+        return split_per_image(output, image_grid_thw, plan.unit)
 
     def get_video_features(self, *args, **kwargs):
         raise videos_refused(self._pruneattn_vlm)

@@ -336,6 +336,14 @@ def test_base_model_alone_and_its_image_features(kind):
     assert sum(rows) == int((call["input_ids"] == IMAGE_TOKEN[kind]).sum() * 3 // 16) or kind == "mistral3"
     if kind == "mistral3":
         assert rows == [3] * len(call["image_sizes"])
+    with torch.no_grad():  # return_dict from the call, else from the config, as the model's own method
+        as_tuple = model.get_image_features(call["pixel_values"], **{k: v for k, v in call.items() if k in names},
+                                            return_dict=False)
+        model.config.return_dict = model.model.config.return_dict = False
+        from_config = model.model.get_image_features(call["pixel_values"],
+                                                     **{k: v for k, v in call.items() if k in names})
+    for out in (as_tuple, from_config):
+        assert isinstance(out, tuple) and any(o is not None and len(o) == len(pooled) for o in out)
 
 
 def test_a_call_for_another_feature_layer_is_refused():

@@ -67,6 +67,10 @@ _HF = {  # suite name -> model test directory, for the families pruneattn patche
     "vit": "vit", "deit": "deit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers",
     "clip": "clip", "siglip": "siglip", "siglip2": "siglip2", "dinov3_vit": "dinov3_vit", "vit_msn": "vit_msn",
     "ijepa": "ijepa", "vit_mae": "vit_mae", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl",
+    "paligemma": "paligemma", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl_moe",
+    "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe", "glm4v": "glm4v", "glm4v_moe": "glm4v_moe",
+    "glm46v": "glm46v", "internvl": "internvl", "gemma3": "gemma3", "mistral3": "mistral3", "smolvlm": "smolvlm",
+    "idefics3": "idefics3",
 }
 # timm's tests/test_models.py is parametrized over every model: these ones stand for the classes pruneattn
 # patches (VisionTransformer: plain, registers / no class token, distilled, parallel blocks, hybrid stem;
@@ -132,10 +136,15 @@ def sdist(project: str, version: str, cache: Path) -> Path:
 
 # What transformers' tests import beyond its runtime dependencies (its "testing" extra, in part).
 TEST_DEPENDENCIES = ("parameterized", "timeout-decorator", "httpx", "httpcore", "certifi", "requests", "urllib3",
-                     "charset-normalizer")
+                     "charset-normalizer", "accelerate", "psutil")
 # Shared test modules that the installed release's mixins import; where a source from another release
 # lacks one, it is replaced by a stand-in with the names they import (their tests are then not run).
-STAND_INS = {"tests/exporters/test_export.py": "class ExportTesterMixin:\n    pass\n"}
+_DISTRIBUTED = "".join(
+    f"def {name}(*args, **kwargs):\n    raise unittest.SkipTest('distributed testing utilities: not in this test source')\n\n\n"
+    for name in ("run_distributed", "_get_distributed_backend", "_get_distributed_device_type", "_get_rank_device",
+                 "_set_rank_device", "_start_rank_processes"))
+STAND_INS = {"tests/exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
+             "tests/distributed_testing_utils.py": "import unittest\n\n\n" + _DISTRIBUTED}
 
 
 def testing_packages(cache: Path) -> Path:

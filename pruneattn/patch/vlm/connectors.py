@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils.generic import can_return_tuple
 
 from pruneattn.patch.swap import Swapped
 from pruneattn.patch.units import side_of
@@ -137,7 +138,6 @@ def _connect(base: nn.Module, features: Callable[..., object], call: dict) -> ob
     """The base model's ``get_image_features`` for a call (its arguments by name): per-call settings it was
     not patched for are refused; ``features`` makes the output."""
     plan: VisionLanguagePlan = base._pruneattn_vlm
-    return_dict = call.pop("return_dict", True)
     for name, patched in (("vision_feature_layer", plan.feature_layer),
                           ("vision_feature_select_strategy", plan.select_strategy)):
         asked = call.pop(name, None)
@@ -146,14 +146,15 @@ def _connect(base: nn.Module, features: Callable[..., object], call: dict) -> ob
                 f"pruneattn: this model was patched for {name}={patched!r}; the call asks for {asked!r}. Patch it "
                 f"again after setting config.{name}"
             )
-    out = features(base, plan, **call)
-    return out if return_dict else out.to_tuple()
+    return features(base, plan, **call)
 
 
-# Swapped into the base model; each keeps its model's signature (generate reads it to encode the images).
+# Swapped into the base model; each keeps its model's signature (generate reads it to encode the images) and
+# takes return_dict from the call, else from the config, as the model's own method does.
 class InternVLKeptUnits(Swapped):
     keeps_name = True
 
+    @can_return_tuple
     def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
         return _connect(self, _internvl, dict(kwargs, pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy))
@@ -162,6 +163,7 @@ class InternVLKeptUnits(Swapped):
 class Gemma3KeptUnits(Swapped):
     keeps_name = True
 
+    @can_return_tuple
     def get_image_features(self, pixel_values, **kwargs):
         return _connect(self, _gemma3, dict(kwargs, pixel_values=pixel_values))
 
@@ -169,6 +171,7 @@ class Gemma3KeptUnits(Swapped):
 class Mistral3KeptUnits(Swapped):
     keeps_name = True
 
+    @can_return_tuple
     def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, **kwargs):
         return _connect(self, _mistral3, dict(kwargs, pixel_values=pixel_values, image_sizes=image_sizes,
                                               vision_feature_layer=vision_feature_layer))
@@ -177,6 +180,7 @@ class Mistral3KeptUnits(Swapped):
 class PixelShuffleKeptUnits(Swapped):
     keeps_name = True
 
+    @can_return_tuple
     def get_image_features(self, pixel_values, pixel_attention_mask=None, **kwargs):
         return _connect(self, _pixel_shuffle, dict(kwargs, pixel_values=pixel_values,
                                                    pixel_attention_mask=pixel_attention_mask))
